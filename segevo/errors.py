@@ -1,0 +1,18 @@
+"""Errors that mean "bad input", reported to users as one line rather than a traceback."""
+
+from __future__ import annotations
+
+
+class DownloadError(RuntimeError):
+    """A remote file could not be fetched or failed verification."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from segevo.config import ConfigError
+    from segevo.model.checkpoint import CheckpointError
+    from segevo.model.tokenizer import TokenizerUnavailable
+
+    return (ConfigError, CheckpointError, TokenizerUnavailable, DownloadError, ValueError, FileNotFoundError)
+
+
+USER_ERRORS = _user_errors()

@@ -1,0 +1,57 @@
+"""``segevo``: the one front door. Each verb lives in its own ``pipeline`` module and is imported lazily,
+so ``segevo --help`` answers without loading torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help). Only verbs that work are listed.
+VERBS: dict[str, tuple[str, str]] = {
+    "info": ("pipeline.info", "build the configured model and report its parameters per part"),
+    "weights": ("pipeline.weights", "check or download SegVol checkpoints"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segevo",
+        description="Adapt SegVol to new modalities: data, training, evaluation and inference.",
+    )
+    parser.add_argument("--config", metavar="YAML",
+                        help="config profile (default: $SEGEVO_CONFIG, else ./params.yaml, else built-in defaults)")
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+    for verb, (module, help_text) in VERBS.items():
+        importlib.import_module(module).add_parser(sub, verb, help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("segevo: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # user-facing errors are one line; tracebacks only on request
+        if not _is_user_error(err) or _debug():
+            raise
+        print(f"segevo: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _is_user_error(err: Exception) -> bool:
+    from segevo.errors import USER_ERRORS
+
+    return isinstance(err, USER_ERRORS)
+
+
+def _debug() -> bool:
+    import os
+
+    return os.environ.get("SEGEVO_DEBUG", "") not in ("", "0")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""``segevo info``: build the configured model and report its size per part (the DVC ``model_summary`` stage)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.common import config_from_args, print_part_table
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--out", metavar="JSON", help="also write the summary as JSON (atomically)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from segevo.io import atomic_write_json
+    from segevo.model import SegVol
+
+    cfg, source = config_from_args(args)
+    model = SegVol(cfg.model)
+    counts = model.parameter_counts()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    m = cfg.model
+    summary = {
+        "config": source,
+        "roi_size": list(m.roi_size),
+        "patch_size": list(m.patch_size),
+        "tokens": int(m.feat_shape[0] * m.feat_shape[1] * m.feat_shape[2]),
+        "parameters": {**counts, "total": sum(counts.values())},
+        "trainable_parameters": trainable,
+    }
+    print(f"model from {source}: roi {tuple(m.roi_size)}, patch {tuple(m.patch_size)}, "
+          f"{summary['tokens']} image tokens, width {m.embed_dim}")
+    print_part_table(counts)
+    print(f"  {'trainable':<16}{trainable:>14,}")
+    if args.out:
+        atomic_write_json(args.out, summary)
+        print(f"wrote {args.out}")
+    return 0

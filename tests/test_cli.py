@@ -1,0 +1,89 @@
+"""The ``segevo`` console script as users run it: help, weights check, info, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import VERBS
+
+REPO = Path(__file__).resolve().parents[1]
+SEGEVO = str(Path(sys.executable).parent / "segevo")
+
+
+def segevo(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([SEGEVO, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_help_lists_exactly_the_working_verbs():
+    out = segevo("--help")
+    assert out.returncode == 0, out.stderr
+    commands = out.stdout.split("  COMMAND\n", 1)[1].split("\n\n")[0]
+    listed = [line.split()[0] for line in commands.splitlines()]
+    assert listed == list(VERBS)
+    for verb in VERBS:
+        sub = segevo(verb, "--help")
+        assert sub.returncode == 0, sub.stderr
+
+
+def test_weights_check_help():
+    out = segevo("weights", "check", "--help")
+    assert out.returncode == 0
+    assert "--layout" in out.stdout and "--trust-pickle" in out.stdout
+
+
+@pytest.mark.slow
+def test_weights_check_accepts_a_full_size_hf_checkpoint(parity_checkpoint):
+    out = segevo("--config", "configs/full.yaml", "weights", "check", str(parity_checkpoint))
+    assert out.returncode == 0, out.stderr
+    assert "layout: hf (474 tensors loaded strictly" in out.stdout
+    for part, n in [("image_encoder", "87,388,416"), ("prompt_encoder", "17,996"),
+                    ("mask_decoder", "29,923,716"), ("text_encoder", "63,559,936"), ("total", "180,890,064")]:
+        assert any(line.split() == [part, n] for line in out.stdout.splitlines()), (part, out.stdout)
+
+
+@pytest.mark.slow
+def test_weights_check_against_the_wrong_geometry_names_the_keys(parity_checkpoint):
+    out = segevo("weights", "check", str(parity_checkpoint))  # params.yaml: the small demo model
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("segevo: error: ")
+    assert "mis-shaped tensors" in out.stderr and "... and" in out.stderr
+
+
+def test_weights_check_missing_file_is_one_line(tmp_path):
+    out = segevo("weights", "check", str(tmp_path / "nope.bin"))
+    assert out.returncode == 1
+    assert out.stderr == f"segevo: error: {tmp_path / 'nope.bin'}: no such checkpoint file\n"
+
+
+def test_weights_check_bad_config_key_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  encoder:\n    hidden_sise: 8\n")
+    out = segevo("--config", str(bad), "weights", "check", "x.bin")
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"segevo: error: {bad}: model.encoder.hidden_sise: Extra inputs")
+
+
+def test_weights_download_offline_fails_fast(tmp_path):
+    out = segevo("weights", "download", "--dest", str(tmp_path / "w"), env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert out.returncode == 1
+    assert "looks offline" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_info_writes_the_model_summary(tmp_path):
+    out = segevo("info", "--out", str(tmp_path / "model.json"))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((tmp_path / "model.json").read_text())
+    from segevo import load_config
+    from segevo.model import SegVol
+
+    model = SegVol(load_config(REPO / "params.yaml").model)
+    assert summary["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    assert summary["tokens"] == 8 * 8 * 8
+    assert summary["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)

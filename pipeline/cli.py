@@ -9,7 +9,7 @@ import sys
 
 # verb -> (module, one-line help). Only verbs that work are listed.
 VERBS: dict[str, tuple[str, str]] = {
-    "info": ("pipeline.info", "build the configured model and report its parameters per part"),
+    "model": ("pipeline.model", "inspect the configured model (parameters per part)"),
     "weights": ("pipeline.weights", "check or download SegVol checkpoints"),
 }
 

@@ -1,4 +1,4 @@
-"""The ``segevo`` console script as users run it: help, weights check, info, and one-line errors."""
+"""The ``segevo`` console script as users run it: help, weights check, model summary, and one-line errors."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def test_help_lists_exactly_the_working_verbs():
     for verb in VERBS:
         sub = segevo(verb, "--help")
         assert sub.returncode == 0, sub.stderr
+    for action in (["model", "summary"], ["weights", "check"], ["weights", "download"]):
+        assert segevo(*action, "--help").returncode == 0
 
 
 def test_weights_check_help():
@@ -76,8 +78,8 @@ def test_weights_download_offline_fails_fast(tmp_path):
     assert "looks offline" in out.stderr and out.stderr.count("\n") == 1
 
 
-def test_info_writes_the_model_summary(tmp_path):
-    out = segevo("info", "--out", str(tmp_path / "model.json"))
+def test_model_summary_writes_the_json(tmp_path):
+    out = segevo("model", "summary", "--out", str(tmp_path / "model.json"))
     assert out.returncode == 0, out.stderr
     summary = json.loads((tmp_path / "model.json").read_text())
     from segevo import load_config

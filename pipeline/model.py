@@ -1,4 +1,4 @@
-"""``segevo info``: build the configured model and report its size per part (the DVC ``model_summary`` stage)."""
+"""``segevo model summary``: build the configured model and report its size per part (DVC ``model_summary``)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from pipeline.common import config_from_args, print_part_table
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("--out", metavar="JSON", help="also write the summary as JSON (atomically)")
-    p.set_defaults(run=run)
+    actions = p.add_subparsers(dest="model_verb", metavar="ACTION", required=True)
+    summary = actions.add_parser("summary", help="parameters per part of the model the config describes")
+    summary.add_argument("--out", metavar="JSON", help="also write the summary as JSON (atomically)")
+    summary.set_defaults(run=run_summary)
 
 
-def run(args: argparse.Namespace) -> int:
+def run_summary(args: argparse.Namespace) -> int:
     from segevo.io import atomic_write_json
     from segevo.model import SegVol
 

@@ -18,11 +18,14 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
 def run_summary(args: argparse.Namespace) -> int:
     from segevo.io import atomic_write_json
     from segevo.model import SegVol
+    from segevo.model.adapted import AdaptedSegVol
 
     cfg, source = config_from_args(args)
     model = SegVol(cfg.model)
     counts = model.parameter_counts()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapted = AdaptedSegVol(model, cfg.adapters, cfg.priors)
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    per_adapter = adapted.trainable_counts()
     m = cfg.model
     summary = {
         "config": source,
@@ -31,11 +34,26 @@ def run_summary(args: argparse.Namespace) -> int:
         "tokens": int(m.feat_shape[0] * m.feat_shape[1] * m.feat_shape[2]),
         "parameters": {**counts, "total": sum(counts.values())},
         "trainable_parameters": trainable,
+        "trainable_per_expert": {k: v for k, v in per_adapter.items() if k != "priors"},
+        "trainable_priors": per_adapter["priors"],
     }
     print(f"model from {source}: roi {tuple(m.roi_size)}, patch {tuple(m.patch_size)}, "
           f"{summary['tokens']} image tokens, width {m.embed_dim}")
     print_part_table(counts)
-    print(f"  {'trainable':<16}{trainable:>14,}")
+    a, p = cfg.adapters, cfg.priors
+    print("trainable when fine-tuning (the base stays frozen):")
+    rows = []
+    for name, expert in a.experts.items():
+        lora = expert.kind == "lora" and a.enabled
+        rows.append((f"expert {name}: " + (f"lora r{expert.rank} alpha {expert.alpha:g}" if lora else "identity"),
+                     per_adapter.get(name, 0)))
+    if p.enabled:
+        rows.append((f"priors: pool {p.pool_size}, dim {p.dim}, depth {p.depth}, {len(adapted.tasks)} tasks",
+                     per_adapter["priors"]))
+    rows.append(("total", trainable))
+    width = max(len(label) for label, _ in rows) + 2
+    for label, n in rows:
+        print(f"  {label:<{width}}{n:>12,}")
     if args.out:
         atomic_write_json(args.out, summary)
         print(f"wrote {args.out}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -119,10 +119,176 @@ class ModelConfig(_Section):
         return tuple(r // p for r, p in zip(self.roi_size, self.patch_size, strict=True))  # type: ignore[return-value]
 
 
+VIT_LORA_TARGETS = ("attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2")
+DECODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class ExpertConfig(_Section):
+    """One Mixture-of-Adapters expert: ``identity`` (the pretrained SegVol, untouched) or a LoRA adapter.
+
+    ``vit_targets`` are module-name suffixes inside the image encoder, ``decoder_targets`` inside the mask
+    decoder's two-way transformer (its attention projections by default).
+    """
+
+    kind: Literal["identity", "lora"] = "lora"
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rslora: bool = False
+    vit_targets: tuple[str, ...] = VIT_LORA_TARGETS
+    decoder_targets: tuple[str, ...] = DECODER_LORA_TARGETS
+
+
+class AdaptersConfig(_Section):
+    """Top-1 routing by modality: every row of a batch goes through its modality's expert."""
+
+    enabled: bool = True
+    experts: dict[str, ExpertConfig] = Field(
+        default_factory=lambda: {"CT": ExpertConfig(kind="identity"), "MRI": ExpertConfig()}
+    )
+    fallback: str | None = None
+    templates: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> AdaptersConfig:
+        if not self.experts:
+            raise ValueError("experts must name at least one modality")
+        if self.fallback is not None and self.fallback not in self.experts:
+            raise ValueError(f"fallback {self.fallback!r} is not one of the experts {sorted(self.experts)}")
+        for modality, template in self.templates.items():
+            if modality not in self.experts:
+                raise ValueError(f"templates names modality {modality!r}, which has no expert")
+            if template.count("{}") != 1:
+                raise ValueError(f"template for {modality} must contain exactly one '{{}}' placeholder")
+        return self
+
+
+class PriorsConfig(_Section):
+    """HERMES-style context priors on top of SegVol; zero-initialised gates keep step 0 equal to SegVol."""
+
+    enabled: bool = True
+    pool_size: int = Field(4, gt=0)
+    dim: int = Field(256, gt=0)
+    depth: int = Field(1, gt=0)
+    num_heads: int = Field(8, gt=0)
+    mlp_ratio: float = Field(2.0, gt=0)
+    prototype: Literal["additive", "multiplicative"] = "additive"
+    fuse_image: bool = True
+    apply_to_identity: bool = False
+    tasks: list[tuple[str, str]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> PriorsConfig:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class LossConfig(_Section):
+    """The batched training loss: Dice + BCE per prompt combination, all in one decoder batch."""
+
+    combinations: tuple[str, ...] = ("text", "box", "point", "text+box", "text+point", "box+point")
+    dice_weight: float = Field(1.0, ge=0)
+    bce_weight: float = Field(1.0, ge=0)
+    pseudo_weight: float = Field(0.1, ge=0)
+    pseudo_combinations: tuple[str, ...] = ("box", "point")
+
+    @model_validator(mode="after")
+    def _check(self) -> LossConfig:
+        for name in (*self.combinations, *self.pseudo_combinations):
+            parts = name.split("+")
+            if not name or len(set(parts)) != len(parts) or not set(parts) <= {"text", "box", "point"}:
+                raise ValueError(f"unknown prompt combination {name!r}: use text, box and point joined by '+'")
+        if "text" in "+".join(self.pseudo_combinations).split("+"):
+            raise ValueError("pseudo_combinations cannot use text: pseudo-mask regions have no class name")
+        if not self.combinations:
+            raise ValueError("combinations must not be empty")
+        return self
+
+
+class TrainConfig(_Section):
+    loss: LossConfig = LossConfig()
+
+
+class PseudoMaskConfig(_Section):
+    """SegVol's 3D Felzenszwalb-Huttenlocher pseudo-masks (its ``scale`` is unused upstream, so absent here).
+
+    ``grid`` is the FH grid in the raw array order (SegVol: 256x256x32 before its axis transpose);
+    ``cleanup_fraction`` is the training-time clean-up's size threshold as a fraction of the voxels.
+    """
+
+    sigma: float = Field(0.8, ge=0)
+    min_size: int = Field(1000, ge=1)
+    percentile: float = Field(25.0, gt=0, le=100)
+    grid: tuple[int, int, int] = (256, 256, 32)
+    cleanup_fraction: float = Field(0.001, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> PseudoMaskConfig:
+        if min(self.grid) <= 0:
+            raise ValueError(f"grid {self.grid} must be positive on every axis")
+        return self
+
+
+SourceName = Literal["demo", "msd", "amos22", "chaos", "promise12", "m3d_seg"]
+MsdTask = Literal["Task01_BrainTumour", "Task02_Heart", "Task03_Liver", "Task04_Hippocampus", "Task05_Prostate",
+                  "Task06_Lung", "Task07_Pancreas", "Task08_HepaticVessel", "Task09_Spleen", "Task10_Colon"]
+
+
+class MsdOptions(_Section):
+    """Which Medical Segmentation Decathlon tasks to fetch (one tarball each)."""
+
+    tasks: list[MsdTask] = Field(default_factory=lambda: ["Task04_Hippocampus"], min_length=1)
+
+
+class M3dSegOptions(_Section):
+    """Which M3D-Seg data sets (SegVol's preprocessed CT collections, codes 0000-0024) to fetch."""
+
+    datasets: list[str] = Field(default_factory=lambda: ["0023"], min_length=1)
+
+    @model_validator(mode="after")
+    def _codes(self) -> M3dSegOptions:
+        for code in self.datasets:
+            if not (len(code) == 4 and code.isdigit() and int(code) <= 24):
+                raise ValueError(f"dataset code {code!r} is not one of 0000-0024")
+        return self
+
+
+class DataConfig(_Section):
+    """Raw data: the sources ``segevo download`` fetches into ``<root>/raw/<source>/`` and how.
+
+    ``mirrors`` replaces a source's base URL (a mirror, or a local server in tests); ``skip_bad_cases`` leaves
+    unreadable or mislabelled cases out of the case table with a warning instead of stopping.
+    """
+
+    root: str = "data"
+    sources: list[SourceName] = Field(default_factory=lambda: ["demo"], min_length=1)
+    mirrors: dict[SourceName, str] = Field(default_factory=dict)
+    skip_bad_cases: bool = False
+    msd: MsdOptions = MsdOptions()
+    m3d_seg: M3dSegOptions = M3dSegOptions()
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"sources lists a source twice: {self.sources}")
+        if "demo" in self.mirrors:
+            raise ValueError("mirrors.demo: the demo source comes from the package index; configure pip instead")
+        for name, url in self.mirrors.items():
+            if not url.startswith(("http://", "https://", "file://")):
+                raise ValueError(f"mirrors.{name}: {url!r} is not an http(s):// or file:// URL")
+        return self
+
+
 class SegevoConfig(_Section):
     """The whole configuration tree (one section per concern)."""
 
     model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    adapters: AdaptersConfig = AdaptersConfig()
+    priors: PriorsConfig = PriorsConfig()
+    train: TrainConfig = TrainConfig()
+    pseudomask: PseudoMaskConfig = PseudoMaskConfig()
 
 
 def _format_error(source: str, err: ValidationError) -> str:

@@ -84,8 +84,15 @@ def test_model_summary_writes_the_json(tmp_path):
     summary = json.loads((tmp_path / "model.json").read_text())
     from segevo import load_config
     from segevo.model import SegVol
+    from segevo.model.adapted import AdaptedSegVol
 
-    model = SegVol(load_config(REPO / "params.yaml").model)
+    cfg = load_config(REPO / "params.yaml")
+    model = SegVol(cfg.model)
     assert summary["parameters"]["total"] == sum(p.numel() for p in model.parameters())
     assert summary["tokens"] == 8 * 8 * 8
-    assert summary["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapted = AdaptedSegVol(model, cfg.adapters, cfg.priors)
+    lora = sum(p.numel() for n, p in adapted.named_parameters() if ".lora_" in n)
+    priors = sum(p.numel() for p in adapted.priors.parameters())
+    assert summary["trainable_per_expert"] == {"CT": 0, "MRI": lora} and summary["trainable_priors"] == priors
+    assert summary["trainable_parameters"] == lora + priors
+    assert "expert MRI: lora r8 alpha 16" in out.stdout

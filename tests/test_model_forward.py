@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from segevo.model import SegVol
+from segevo.model.segvol import Prompts
 
 PROMPTS = ("text", "boxes", "points")
 SUBSETS = [c for r in (1, 2, 3) for c in itertools.combinations(PROMPTS, r)]
@@ -120,3 +121,52 @@ def test_bad_inputs_raise_a_clear_value_error(model, image, case):
 def test_too_long_text_is_refused(model, image):
     with pytest.raises(ValueError, match="too long"):
         model(image[:1], text="very " * 100 + "long organ")
+
+
+COMBOS = ["text", "box", "point", "text+box", "text+point", "box+point", "text+box+point"]
+
+
+def test_one_decoder_batch_equals_separate_decodes_per_combination(model, image):
+    """Mixing combinations of different token counts in one decoder pass changes nothing per row."""
+    model.eval()
+    prompts = make_prompts(2, ("text", "boxes", "points"))
+    with torch.no_grad():
+        emb = model.encode_image(image)
+        full = Prompts(**prompts)
+        other = Prompts(boxes=prompts["boxes"] + 1, points=(prompts["points"][0] + 2, prompts["points"][1]))
+        requests = [(c, full) for c in COMBOS] + [("box", other), ("point", other)]
+        batched = model.decode_combinations(emb, requests)
+        assert batched.shape == (len(requests), 2, 1, *model.cfg.roi_size)
+        for k, (combo, p) in enumerate(requests):
+            sub = p.subset(combo)
+            single = model.decode(emb, text=sub.text, boxes=sub.boxes, points=sub.points)
+            torch.testing.assert_close(batched[k], single, atol=1e-5, rtol=1e-4)
+
+
+def test_a_combination_needing_a_missing_prompt_is_refused(model, image):
+    with torch.no_grad(), pytest.raises(ValueError, match="needs box"):
+        model.decode_combinations(model.encode_image(image), [("text+box", Prompts(text=["liver", "spleen"]))])
+
+
+def test_full_shape_layer_norm_matches_nn_layer_norm():
+    from segevo.model.mask_decoder import FullShapeLayerNorm
+
+    shape = (6, 4, 8, 8)
+    ln = FullShapeLayerNorm(shape)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    ref = torch.nn.LayerNorm(shape)
+    ref.load_state_dict(ln.state_dict())
+    x = torch.randn(3, *shape) * 5 + 2
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.testing.assert_close(ln(x1), ref(x2), atol=1e-5, rtol=1e-5)
+    g = torch.randn(3, *shape)
+    (ln(x1) * g).sum().backward()
+    (ref(x2) * g).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ln.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ln(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref(x), atol=0.05, rtol=0.02)

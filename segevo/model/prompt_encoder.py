@@ -7,11 +7,16 @@ The coordinate handling is SegVol's, quirks included (points are (d, h, w) but n
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segevo.config import ModelConfig
+
+# (points (coords, labels) or None, boxes or None, text embedding or None) for one batch of samples
+PromptTensors = tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None, torch.Tensor | None]
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -103,6 +108,53 @@ class PromptEncoder(nn.Module):
         dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand(batch_size, -1,
                                                                          *self.image_embedding_size)
         return sparse, dense
+
+
+    def embed_combinations(
+        self,
+        requests: Sequence[tuple[str, PromptTensors]],
+        batch_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Sparse tokens of several prompt combinations (e.g. ``"text+box"``) for one decoder batch.
+
+        ``requests`` pairs a combination with the prompt tensors it draws from (points, boxes, text
+        embedding; several requests may share one set). Rows are request-major (row = k * batch_size +
+        sample); each holds exactly the tokens ``forward`` would build, right-padded to the longest row.
+        Returns the tokens, the (B', L) mask of real tokens (None when nothing is padded) and the (B',)
+        text indicator.
+        """
+        cache: dict[int, tuple] = {}
+        rows, has_text = [], []
+        for combo, (points, boxes, text_embedding) in requests:
+            key = id(points), id(boxes), id(text_embedding)
+            if key not in cache:
+                cache[key] = (self._embed_points(*points, pad=True) if points is not None else None,
+                              self._embed_boxes(boxes) if boxes is not None else None,
+                              text_embedding.unsqueeze(1) if text_embedding is not None else None)
+            pts_pad, box_tok, text_tok = cache[key]
+            parts = combo.split("+")
+            missing = [p for p, t in (("point", pts_pad), ("box", box_tok), ("text", text_tok))
+                       if p in parts and t is None]
+            if missing:
+                raise ValueError(f"prompt combination {combo!r} needs {', '.join(missing)} prompts")
+            toks = []
+            if "point" in parts:  # SegVol's padding point only when no box follows
+                toks.append(pts_pad[:, :-1] if "box" in parts else pts_pad)
+            if "box" in parts:
+                toks.append(box_tok)
+            if "text" in parts:
+                toks.append(text_tok)
+            rows.append(torch.cat(toks, dim=1))
+            has_text.append("text" in parts)
+        length = max(r.shape[1] for r in rows)
+        ref = rows[0]
+        sparse = torch.cat([F.pad(r, (0, 0, 0, length - r.shape[1])) for r in rows])
+        mask = None
+        if any(r.shape[1] != length for r in rows):
+            mask = torch.cat([torch.arange(length, device=ref.device).expand(batch_size, length) < r.shape[1]
+                              for r in rows])
+        text_rows = torch.tensor(has_text, device=ref.device).repeat_interleave(batch_size).to(ref.dtype)
+        return sparse, mask, text_rows
 
 
 class _LayerNorm2d(nn.Module):

@@ -10,7 +10,8 @@ Conventions (kept because the released weights depend on them):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,11 +19,27 @@ from torch import nn
 from segevo.config import ModelConfig
 from segevo.model.image_encoder import ImageEncoder
 from segevo.model.mask_decoder import MaskDecoder, upsample_logits
-from segevo.model.prompt_encoder import PromptEncoder
+from segevo.model.prompt_encoder import PromptEncoder, PromptTensors
 from segevo.model.text_encoder import TextEncoder
 
 Points = tuple[torch.Tensor, torch.Tensor]
+# (sparse tokens (B', L, C), token mask or None) -> (mask-token delta (B', C) or None, kernel (B', C/8) or None)
+Posterior = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor | None, torch.Tensor | None]]
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder", "text_encoder")
+
+
+@dataclass(frozen=True, eq=False)
+class Prompts:
+    """One prompt set for a batch: any of one class name per row, (B, 6) boxes, (coords, labels) points."""
+
+    text: str | Sequence[str] | None = None
+    boxes: torch.Tensor | None = None
+    points: Points | None = None
+
+    def subset(self, combination: str) -> Prompts:
+        parts = combination.split("+")
+        return Prompts(self.text if "text" in parts else None, self.boxes if "box" in parts else None,
+                       self.points if "point" in parts else None)
 
 
 class SegVol(nn.Module):
@@ -49,15 +66,55 @@ class SegVol(nn.Module):
         text: str | Sequence[str] | None = None,
         boxes: torch.Tensor | None = None,
         points: Points | None = None,
+        templates: list[str] | None = None,
     ) -> torch.Tensor:
         """Full-resolution logits ``(B, 1, *roi_size)`` for one prompt set per embedding row."""
         b = image_embedding.shape[0]
         names, boxes, points = self._check_prompts(b, text, boxes, points)
-        text_embedding = self.text_encoder(names) if names is not None else None
+        text_embedding = self.text_encoder(names, templates) if names is not None else None
         sparse, dense = self.prompt_encoder(b, points, boxes, text_embedding)
         dense_pe = self.prompt_encoder.get_dense_pe()
         low_res, _ = self.mask_decoder(image_embedding, dense_pe, sparse, dense, text_embedding)
         return upsample_logits(low_res, self.cfg.roi_size)
+
+    def decode_combinations(
+        self,
+        image_embedding: torch.Tensor,
+        requests: Sequence[tuple[str, Prompts]],
+        templates: list[str] | None = None,
+        posterior: Posterior | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(K, B, 1, *roi_size)`` for K (combination, prompts) requests in ONE decoder pass.
+
+        A combination such as ``"text+box"`` selects which of its prompts a request uses; requests may share
+        one ``Prompts``. Each row equals what ``decode`` gives for that request alone (padded tokens are
+        masked out of attention). ``posterior`` maps the rows' sparse tokens to per-row decoder adjustments.
+        """
+        b, k = image_embedding.shape[0], len(requests)
+        if k == 0:
+            raise ValueError("no prompt combination given")
+        tensors: dict[int, PromptTensors] = {}
+        for _, prompts in requests:
+            if id(prompts) not in tensors:
+                names, boxes, points = self._check_prompts(b, prompts.text, prompts.boxes, prompts.points)
+                text_embedding = self.text_encoder(names, templates) if names is not None else None
+                tensors[id(prompts)] = (points, boxes, text_embedding)
+        sparse, token_mask, text_rows = self.prompt_encoder.embed_combinations(
+            [(combo, tensors[id(prompts)]) for combo, prompts in requests], b)
+        text_embedding = torch.cat([
+            t[2] if t[2] is not None else sparse.new_zeros(b, sparse.shape[-1])
+            for t in (tensors[id(p)] for _, p in requests)
+        ])
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand(
+            k * b, -1, *self.cfg.feat_shape)
+        delta, kernel = posterior(sparse, token_mask) if posterior is not None else (None, None)
+        low_res, _ = self.mask_decoder(
+            image_embedding.repeat(k, 1, 1, 1, 1), self.prompt_encoder.get_dense_pe(), sparse, dense,
+            text_embedding, token_mask=token_mask, text_rows=text_rows, mask_token_delta=delta,
+            extra_kernel=kernel,
+        )
+        logits = upsample_logits(low_res, self.cfg.roi_size)
+        return logits.reshape(k, b, *logits.shape[1:])
 
     def forward(
         self,

@@ -110,8 +110,9 @@ class TextEncoder(nn.Module):
         self.dim_align = nn.Linear(cfg.hidden_size, embed_dim)
         self.clip_text_model.requires_grad_(False)
 
-    def tokenize(self, names: list[str]) -> torch.Tensor:
-        prompts = [self.cfg.template.format(name) for name in names]
+    def tokenize(self, names: list[str], templates: list[str] | None = None) -> torch.Tensor:
+        templates = templates or [self.cfg.template] * len(names)
+        prompts = [t.format(name) for t, name in zip(templates, names, strict=True)]
         ids = load_tokenizer(self.cfg.tokenizer_dir)(prompts, padding=True, return_tensors="pt")["input_ids"]
         if ids.shape[1] > self.cfg.max_position_embeddings:
             longest = max(names, key=len)
@@ -119,7 +120,8 @@ class TextEncoder(nn.Module):
                              f"the text encoder takes {self.cfg.max_position_embeddings}")
         return ids.to(self.dim_align.weight.device)
 
-    def forward(self, names: list[str]) -> torch.Tensor:
+    def forward(self, names: list[str], templates: list[str] | None = None) -> torch.Tensor:
+        """``templates`` gives one template per row (per-modality prompts); default: the configured one."""
         with torch.no_grad():
-            pooled = self.clip_text_model.text_model(self.tokenize(names))
+            pooled = self.clip_text_model.text_model(self.tokenize(names, templates))
         return self.dim_align(pooled.to(self.dim_align.weight.dtype))

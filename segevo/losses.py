@@ -1,0 +1,81 @@
+"""The batched training loss: every prompt combination of every sample in one decoder pass, Dice + BCE each.
+
+Prompts arrive as tensors from the data side (boxes, padded points, class names, task ids), so the step
+builds nothing on the host and never waits on the device. Label -1 is ignored by both terms (SegVol maps it
+to background).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from segevo.config import LossConfig
+from segevo.model.adapted import AdaptedSegVol
+from segevo.model.segvol import Prompts
+
+
+@dataclass
+class TrainBatch:
+    """One training batch; every tensor has the batch first. ``target`` holds 1, 0, or -1 (ignore)."""
+
+    image: torch.Tensor  # (B, 1, D, H, W) float
+    target: torch.Tensor  # (B, 1, D, H, W) int8
+    class_names: list[str]
+    modalities: list[str]
+    task_ids: torch.Tensor  # (B,) long
+    boxes: torch.Tensor  # (B, 6)
+    point_coords: torch.Tensor  # (B, N, 3)
+    point_labels: torch.Tensor  # (B, N), -1 = padding
+    pseudo_target: torch.Tensor | None = None  # (B, 1, D, H, W) int8: a pseudo-mask region, -1 ignore
+    pseudo_boxes: torch.Tensor | None = None
+    pseudo_point_coords: torch.Tensor | None = None
+    pseudo_point_labels: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> TrainBatch:
+        moved = {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+                 for k, v in self.__dict__.items()}
+        return TrainBatch(**moved)
+
+
+def dice_bce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row soft Dice loss (SegVol's ``1 - 2|PT| / (|P| + |T| + 1)``) and mean BCE over non-ignored voxels."""
+    logits = logits.float().flatten(1)
+    target = target.flatten(1)
+    valid = (target >= 0).float()
+    t = target.clamp(min=0).float()
+    p = torch.sigmoid(logits) * valid
+    dice = 1 - 2 * (p * t).sum(1) / (p.sum(1) + t.sum(1) + 1)
+    bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+    bce = (bce * valid).sum(1) / valid.sum(1).clamp(min=1)
+    return dice, bce
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor
+    per_combination: dict[str, torch.Tensor]  # mean Dice + BCE per combination, detached
+
+
+def combination_loss(model: AdaptedSegVol, batch: TrainBatch, cfg: LossConfig) -> LossOutput:
+    """Loss summed over the configured combinations (SegVol's convention), plus the weighted pseudo term."""
+    b = batch.image.shape[0]
+    main = Prompts(batch.class_names, batch.boxes, (batch.point_coords, batch.point_labels))
+    requests = [(c, main) for c in cfg.combinations]
+    targets = [batch.target] * len(requests)
+    use_pseudo = cfg.pseudo_weight > 0 and batch.pseudo_target is not None
+    if use_pseudo:
+        pseudo = Prompts(None, batch.pseudo_boxes, (batch.pseudo_point_coords, batch.pseudo_point_labels))
+        requests += [(c, pseudo) for c in cfg.pseudo_combinations]
+        targets += [batch.pseudo_target] * len(cfg.pseudo_combinations)
+    logits = model.forward_requests(batch.image, batch.modalities, requests, batch.task_ids)
+    dice, bce = dice_bce(logits.flatten(0, 1), torch.cat(targets))
+    per_row = (cfg.dice_weight * dice + cfg.bce_weight * bce).reshape(len(requests), b).mean(dim=1)
+    n_main = len(cfg.combinations)
+    total = per_row[:n_main].sum()
+    if use_pseudo:
+        total = total + cfg.pseudo_weight * per_row[n_main:].sum()
+    names = [c for c, _ in requests[:n_main]] + [f"pseudo:{c}" for c, _ in requests[n_main:]]
+    return LossOutput(total, dict(zip(names, per_row.detach().unbind(0), strict=True)))

@@ -1,0 +1,117 @@
+"""Adapter checkpoints: only what was trained (LoRA experts, priors, gates) as safetensors, plus the JSON that
+rebuilds the model around them (model, adapters and priors config, task vocabulary). A few MB at full size.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from segevo.config import AdaptersConfig, ModelConfig, PriorsConfig
+from segevo.io import atomic_write_bytes, atomic_write_json
+from segevo.model.adapted import AdaptedSegVol
+from segevo.model.adapters import merged_state_dict
+from segevo.model.checkpoint import CheckpointError, check_keys
+from segevo.model.priors import TaskVocabulary
+from segevo.model.segvol import SegVol
+
+FORMAT = "segevo-adapters/1"
+WEIGHTS, META = "adapters.safetensors", "adapters.json"
+
+
+def trained_state_dict(model: AdaptedSegVol) -> dict[str, torch.Tensor]:
+    """The parameters that fine-tuning changes: everything that requires grad (the base is frozen)."""
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapters(model: AdaptedSegVol, directory: str | os.PathLike[str]) -> Path:
+    """Write ``adapters.safetensors`` + ``adapters.json`` into ``directory`` (each atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.cpu() for k, v in trained_state_dict(model).items()}
+    tmp = directory / f".{WEIGHTS}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, directory / WEIGHTS)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta = {
+        "format": FORMAT,
+        "model": model.base.cfg.model_dump(mode="json"),
+        "adapters": model.adapters_cfg.model_dump(mode="json"),
+        "priors": model.priors_cfg.model_dump(mode="json"),
+        "tasks": json.loads(model.tasks.to_json()),
+        "trainable": model.trainable_counts(),
+        "tensors": {k: list(v.shape) for k, v in tensors.items()},
+    }
+    atomic_write_json(directory / META, meta)
+    return directory
+
+
+def read_meta(directory: str | os.PathLike[str]) -> dict:
+    path = Path(directory) / META
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no adapter metadata (expected {META} and {WEIGHTS})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def build_from_adapters(directory: str | os.PathLike[str], base_weights: str | os.PathLike[str] | None = None,
+                        trust_pickle: bool = False) -> AdaptedSegVol:
+    """Rebuild the adapted model an adapter checkpoint was trained as, on the given base weights."""
+    from segevo.model.checkpoint import load_checkpoint
+
+    meta = read_meta(directory)
+    try:
+        base = SegVol(ModelConfig.model_validate(meta["model"]))
+        adapters = AdaptersConfig.model_validate(meta["adapters"])
+        priors = PriorsConfig.model_validate(meta["priors"])
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{Path(directory) / META}: invalid configuration: {err}") from None
+    if base_weights is not None:
+        load_checkpoint(base, base_weights, trust_pickle=trust_pickle)
+    model = AdaptedSegVol(base, adapters, priors, TaskVocabulary(tuple(t) for t in meta["tasks"]))
+    load_adapters(model, directory)
+    return model.eval()
+
+
+def load_adapters(model: AdaptedSegVol, directory: str | os.PathLike[str]) -> None:
+    """Strictly load an adapter checkpoint into a model built with the same configuration."""
+    path = Path(directory) / WEIGHTS
+    read_meta(directory)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such adapter weights file")
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from None
+    expected = trained_state_dict(model)
+    try:
+        check_keys(expected, tensors)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            params[key].copy_(value)
+
+
+def export_merged(model: AdaptedSegVol, modality: str, out: str | os.PathLike[str]) -> Path:
+    """A plain SegVol checkpoint (HF layout) with ``modality``'s LoRA expert merged in; priors cannot be merged
+    and are left out, so the file reproduces the MoA model's output for that modality only without priors."""
+    expert = model.experts_of(modality, 1)[0]
+    lora = model.moa is not None and model.adapters_cfg.experts[expert].kind == "lora"
+    state = merged_state_dict(model.base, expert if lora else None)
+    buffer = io.BytesIO()
+    torch.save({f"model.{k}": v for k, v in state.items()}, buffer)
+    return atomic_write_bytes(out, buffer.getvalue())

@@ -1,0 +1,183 @@
+"""Context priors after HERMES: learnable task and modality prior tokens fused with the image tokens, turned
+into a posterior prototype that adapts SegVol's mask decoder.
+
+- Tasks are (dataset, class) pairs; id 0 is the null task ("unknown"), so priors never need a text prompt:
+  the task comes from the sample's label (or the null token when it is unknown).
+- The fusion block is two-way: prior tokens attend to the image tokens, then image tokens attend to the
+  priors; every token carries a learnable source embedding (image, task, modality, spatial prompt).
+- Per decoder row, the fused task tokens also attend to that row's prompt tokens, and an MLP turns them into
+  the posterior prototype: added to mask token 0 (``additive``) or used as an extra dynamic kernel on the
+  upscaled features (``multiplicative``, HERMES' prototype x feature product).
+- Both paths into SegVol pass through zero-initialised gates, so at initialisation the output is SegVol's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segevo.config import PriorsConfig
+
+NULL_TASK = ("*", "<unknown>")
+IMAGE, TASK, MODALITY, PROMPT = range(4)
+
+
+class TaskVocabulary:
+    """(dataset, class) pairs -> task ids, id 0 being the null task. Order is kept: ids are stable."""
+
+    def __init__(self, pairs: Iterable[tuple[str, str]] = ()):
+        unique = dict.fromkeys((str(d), str(c)) for d, c in pairs if (d, c) != NULL_TASK)
+        self.pairs: list[tuple[str, str]] = [NULL_TASK, *unique]
+        self._index = {p: i for i, p in enumerate(self.pairs)}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def id(self, dataset: str | None, name: str) -> int:
+        """Exact (dataset, class) id; with no dataset, the first task of that class; else the null task."""
+        if dataset is not None:
+            return self._index.get((dataset, name), 0)
+        return next((i for i, (_, c) in enumerate(self.pairs) if c == name and i), 0)
+
+    def closest(self, name: str, n: int = 3) -> list[str]:
+        import difflib
+
+        return difflib.get_close_matches(name, sorted({c for _, c in self.pairs[1:]}), n=n)
+
+    def to_json(self) -> str:
+        return json.dumps([list(p) for p in self.pairs[1:]])
+
+    @classmethod
+    def from_json(cls, text: str) -> TaskVocabulary:
+        return cls(tuple(p) for p in json.loads(text))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"priors.num_heads {num_heads} does not divide the model width {dim}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(b, n, h, c // h).transpose(1, 2)
+        k, v = self.kv(context).reshape(b, context.shape[1], 2, h, c // h).permute(2, 0, 3, 1, 4)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(out.transpose(1, 2).reshape(b, n, c))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, out: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, out or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class PriorFusionBlock(nn.Module):
+    """Pre-norm two-way block: priors <- image, priors MLP, then (optionally) image <- priors."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, fuse_image: bool):
+        super().__init__()
+        self.norm_p = nn.LayerNorm(dim)
+        self.norm_img = nn.LayerNorm(dim)
+        self.prior_from_image = CrossAttention(dim, num_heads)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = FeedForward(dim, int(dim * mlp_ratio))
+        self.image_from_prior = CrossAttention(dim, num_heads) if fuse_image else None
+        self.norm_p2 = nn.LayerNorm(dim) if fuse_image else None
+
+    def forward(self, priors: torch.Tensor, image: torch.Tensor,
+                image_source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image_n = self.norm_img(image + image_source)
+        priors = priors + self.prior_from_image(self.norm_p(priors), image_n)
+        priors = priors + self.mlp(self.norm_mlp(priors))
+        if self.image_from_prior is not None:
+            image = image + self.image_from_prior(image_n, self.norm_p2(priors))
+        return priors, image
+
+
+class ContextPriors(nn.Module):
+    """Priors live in their own width ``cfg.dim``: image and prompt tokens are projected in, the image update
+    and the prototype projected out. This keeps the fusion cheap next to the ViT and the file small."""
+
+    def __init__(self, cfg: PriorsConfig, model_dim: int, n_tasks: int, n_modalities: int):
+        super().__init__()
+        self.cfg = cfg
+        dim, p = cfg.dim, cfg.pool_size
+        self.task_pool = nn.Parameter(torch.empty(n_tasks, p, dim))
+        self.modality_pool = nn.Parameter(torch.empty(n_modalities, p, dim))
+        self.source_embedding = nn.Parameter(torch.empty(4, dim))
+        for t in (self.task_pool, self.modality_pool, self.source_embedding):
+            nn.init.trunc_normal_(t, std=0.02)
+        self.image_in = nn.Linear(model_dim, dim)
+        self.prompt_in = nn.Linear(model_dim, dim)
+        self.blocks = nn.ModuleList(
+            PriorFusionBlock(dim, cfg.num_heads, cfg.mlp_ratio, cfg.fuse_image) for _ in range(cfg.depth)
+        )
+        self.image_out = nn.Linear(dim, model_dim) if cfg.fuse_image else None
+        self.norm_task = nn.LayerNorm(dim)
+        self.norm_prompt = nn.LayerNorm(dim)
+        self.task_from_prompt = CrossAttention(dim, cfg.num_heads)
+        self.norm_post = nn.LayerNorm(dim)
+        out = model_dim if cfg.prototype == "additive" else model_dim // 8
+        self.posterior_mlp = FeedForward(dim, int(dim * cfg.mlp_ratio), out)
+        self.image_gate = nn.Parameter(torch.zeros(1))
+        self.prototype_gate = nn.Parameter(torch.zeros(1))
+
+    def fuse(self, tokens: torch.Tensor, task_ids: torch.Tensor, modality_ids: torch.Tensor,
+             rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image tokens (B, N, C) adapted through the gated image path, and the fused task tokens of the
+        selected ``rows`` (all rows when None); rows not selected keep their tokens bit for bit."""
+        sel = tokens if rows is None else tokens.index_select(0, rows)
+        t_ids = task_ids if rows is None else task_ids.index_select(0, rows)
+        m_ids = modality_ids if rows is None else modality_ids.index_select(0, rows)
+        src = self.source_embedding
+        priors = torch.cat([self.task_pool[t_ids] + src[TASK], self.modality_pool[m_ids] + src[MODALITY]], dim=1)
+        image_in = self.image_in(sel)
+        image = image_in
+        for block in self.blocks:
+            priors, image = block(priors, image, src[IMAGE])
+        if self.image_out is not None:
+            update = self.image_gate * self.image_out(image - image_in)
+            tokens = tokens + update if rows is None else tokens.index_add(0, rows, update)
+        return tokens, priors[:, : self.cfg.pool_size]
+
+    def posterior(self, task_tokens: torch.Tensor, sparse: torch.Tensor, token_mask: torch.Tensor | None,
+                  row_samples: torch.Tensor, n_rows: int, rows: torch.Tensor | None) -> torch.Tensor:
+        """Per decoder row: the gated prototype (additive delta or multiplicative kernel), zero elsewhere.
+
+        ``task_tokens`` are the fused task tokens of the selected samples, ``row_samples`` maps each selected
+        decoder row to its position among them, and ``rows`` lists the selected decoder rows (None: all).
+        """
+        t = task_tokens.index_select(0, row_samples)
+        s = sparse if rows is None else sparse.index_select(0, rows)
+        m = token_mask if (rows is None or token_mask is None) else token_mask.index_select(0, rows)
+        prompt = self.norm_prompt(self.prompt_in(s) + self.source_embedding[PROMPT])
+        t = t + self.task_from_prompt(self.norm_task(t), prompt, m)
+        proto = self.prototype_gate * self.posterior_mlp(self.norm_post(t).mean(dim=1))
+        if rows is None:
+            return proto
+        return proto.new_zeros(n_rows, proto.shape[1]).index_copy(0, rows, proto)
+
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def select_rows(active: Sequence[bool], device: torch.device) -> torch.Tensor | None:
+    """Index tensor of active rows; None when every row is active (no gather needed)."""
+    if all(active):
+        return None
+    return torch.tensor([i for i, a in enumerate(active) if a], dtype=torch.long, device=device)

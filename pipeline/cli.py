@@ -9,6 +9,7 @@ import sys
 
 # verb -> (module, one-line help). Only verbs that work are listed.
 VERBS: dict[str, tuple[str, str]] = {
+    "download": ("pipeline.download", "fetch the raw data sources and write the case table"),
     "model": ("pipeline.model", "inspect the configured model (parameters per part)"),
     "weights": ("pipeline.weights", "check or download SegVol checkpoints"),
 }
@@ -42,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(err: Exception) -> bool:
-    from segevo.errors import USER_ERRORS
+    from segevo.errors import user_errors
 
-    return isinstance(err, USER_ERRORS)
+    return isinstance(err, user_errors())
 
 
 def _debug() -> bool:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 from segevo.errors import DownloadError
+from segevo.net import check_reachable as _probe
 
 REPO_ID = "BAAI/SegVol"
 # The Hub's "main" at commit 516701d ("add quickstart (#3)"); the weights' content is pinned by SHA256 below.
@@ -28,16 +27,8 @@ def check_reachable(endpoint: str, timeout: float = 5.0) -> None:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise DownloadError("HF_HUB_OFFLINE is set: unset it to download, or copy the files from a machine "
                             "with network access (segevo weights download --dest DIR)")
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
-    except OSError as err:
-        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
-        raise DownloadError(
-            f"cannot reach {endpoint} ({reason}): this machine looks offline; run 'segevo weights download "
-            f"--dest DIR' where the Hub is reachable and copy DIR here"
-        ) from None
+    _probe(endpoint, "run 'segevo weights download --dest DIR' where the Hub is reachable and copy DIR here",
+           timeout=timeout)
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:

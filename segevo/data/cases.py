@@ -1,0 +1,211 @@
+"""The case table: one row per raw image, whatever its source, written by ``segevo download``.
+
+It is the input of every later data stage, so each row carries what they need without opening the source's
+own files again: the patient (for patient-level splits), the modality (for the adapter routing), the label map
+in the unified vocabulary, the classes actually present, and the SHA256 of the raw image (provenance).
+
+Stored as JSON rather than CSV because a row holds a mapping (label value -> name) and lists (channels,
+classes present), and the table carries per-source metadata (licence, whether labels are manual or model
+output) that a CSV would have to repeat on every row. Paths are relative to the table's folder, so the data
+root can move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segevo.data.vocabulary import check_labels
+from segevo.io import atomic_write_json
+
+TABLE_VERSION = 1
+FORMATS = ("nifti", "m3d")
+ANNOTATIONS = ("manual", "model")
+_MODALITY = re.compile(r"^(CT|MRI)(-[A-Za-z0-9]+)*$")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class CaseError(ValueError):
+    """A raw case is unusable: unreadable, mis-shaped, or labelled outside its source's class map."""
+
+
+def base_modality(modality: str) -> str:
+    """``MRI-T2`` -> ``MRI``: the part the adapters route on."""
+    return modality.split("-", 1)[0]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One raw image with its label. ``label_map`` maps label values (M3D-Seg: channel index + 1) to names."""
+
+    source: str
+    case_id: str
+    patient_id: str
+    modality: str
+    image: Path
+    label: Path | None
+    label_map: dict[int, str]
+    image_sha256: str
+    format: str = "nifti"
+    subset: str | None = None  # the split the source publishes the case in: train / val / test
+    channels: tuple[str, ...] = ()  # sequence per channel of a multi-channel image (MSD BraTS: FLAIR, T1w, ...)
+    annotation: str = "manual"  # "model": the labels are a model's output, not a person's
+    labels_present: tuple[str, ...] = ()
+    origin: Path | None = None  # the file or DICOM folder this NIfTI was converted from
+    notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not _SAFE_ID.match(self.case_id):
+            raise CaseError(f"{self.source}/{self.case_id}: case ids may only hold letters, digits, '.', '_', '-' "
+                            f"(later stages name files after them)")
+        if not _MODALITY.match(self.modality):
+            raise CaseError(f"{self.source}/{self.case_id}: unknown modality {self.modality!r} "
+                            f"(expected CT or MRI, optionally refined like MRI-T2)")
+        if self.format not in FORMATS:
+            raise CaseError(f"{self.source}/{self.case_id}: unknown format {self.format!r}")
+        if self.annotation not in ANNOTATIONS:
+            raise CaseError(f"{self.source}/{self.case_id}: unknown annotation kind {self.annotation!r}")
+
+    @classmethod
+    def from_source(cls, source: str, case_id: str, patient_id: str, modality: str, image: Path,
+                    label: Path | None, label_map: dict[int, str], *, hashed: list[Path] | None = None,
+                    **fields: Any) -> Case:
+        """A case as a source lists it; the provenance checksum is of ``hashed`` (default: the image file)."""
+        return cls(source=source, case_id=case_id, patient_id=patient_id, modality=modality, image=image,
+                   label=label, label_map=label_map, image_sha256=sha256_files(hashed or [image]), **fields)
+
+    @property
+    def key(self) -> str:
+        return f"{self.source}/{self.case_id}"
+
+    def to_row(self, base: Path) -> dict[str, Any]:
+        def rel(p: Path | None) -> str | None:
+            return None if p is None else Path(p).resolve().relative_to(base.resolve()).as_posix()
+
+        row = dataclasses.asdict(self)
+        row.update(image=rel(self.image), label=rel(self.label), origin=rel(self.origin),
+                   label_map={str(k): v for k, v in self.label_map.items()},
+                   channels=list(self.channels), labels_present=list(self.labels_present), notes=list(self.notes))
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], base: Path) -> Case:
+        def path(p: str | None) -> Path | None:
+            return None if p is None else base / p
+
+        return cls(**{**row, "image": base / row["image"], "label": path(row.get("label")),
+                      "origin": path(row.get("origin")),
+                      "label_map": {int(k): v for k, v in row["label_map"].items()},
+                      "channels": tuple(row.get("channels", ())), "notes": tuple(row.get("notes", ())),
+                      "labels_present": tuple(row.get("labels_present", ()))})
+
+
+@dataclass
+class CaseTable:
+    cases: list[Case]
+    sources: dict[str, dict[str, Any]]  # per source: licence, annotation, where it came from, options
+    skipped: list[dict[str, str]]  # cases left out with data.skip_bad_cases, and why
+
+
+def write_case_table(path: Path, table: CaseTable) -> Path:
+    base = path.parent
+    return atomic_write_json(path, {
+        "version": TABLE_VERSION,
+        "sources": table.sources,
+        "cases": [c.to_row(base) for c in table.cases],
+        "skipped": table.skipped,
+    })
+
+
+def read_case_table(path: str | Path) -> CaseTable:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: case table not found; run 'segevo download' first") from None
+    except json.JSONDecodeError as err:
+        raise CaseError(f"{path}: not valid JSON ({err})") from None
+    if data.get("version") != TABLE_VERSION:
+        raise CaseError(f"{path}: case table version {data.get('version')!r}, expected {TABLE_VERSION}; "
+                        f"run 'segevo download --force'")
+    base = path.parent
+    return CaseTable([Case.from_row(r, base) for r in data["cases"]], data["sources"], data["skipped"])
+
+
+def sha256_files(paths: Iterable[Path]) -> str:
+    """SHA256 of a file, or of several files' bytes in the given order (a DICOM series, a MetaImage pair)."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _check_nifti(case: Case) -> list[str]:
+    import nibabel as nib
+
+    image = nib.load(case.image)
+    want = 4 if case.channels else 3
+    if image.ndim != want or (case.channels and image.shape[3] != len(case.channels)):
+        raise CaseError(f"{case.image}: expected a {want}D image"
+                        + (f" with {len(case.channels)} channels" if case.channels else "")
+                        + f", got shape {image.shape}")
+    if case.label is None:
+        return []
+    label = nib.load(case.label)
+    if label.shape != image.shape[:3]:
+        raise CaseError(f"{case.label}: label shape {label.shape} differs from the image's {image.shape[:3]}")
+    if not np.allclose(label.affine, image.affine, atol=1e-3, rtol=1e-4):
+        raise CaseError(f"{case.label}: label affine differs from the image's (a different voxel grid)")
+    data = np.asanyarray(label.dataobj)
+    if data.dtype.kind == "f" and (not np.all(np.isfinite(data)) or np.any(data != np.round(data))):
+        raise CaseError(f"{case.label}: label map holds non-integer values")
+    return check_labels(f"{case.key} ({case.label})", np.unique(data), case.label_map)
+
+
+def m3d_mask_shape(path: Path) -> tuple[int, ...]:
+    """M3D-Seg writes the dense mask shape into the file name: ``mask_(13, 512, 512, 89).npz``."""
+    match = re.fullmatch(r"mask_\(([\d, ]+)\)\.npz", path.name)
+    if not match:
+        raise CaseError(f"{path}: not an M3D-Seg mask name (expected 'mask_(K, X, Y, Z).npz')")
+    return tuple(int(v) for v in match.group(1).split(","))
+
+
+def _check_m3d(case: Case) -> list[str]:
+    import scipy.sparse
+
+    image = np.load(case.image, mmap_mode="r")
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise CaseError(f"{case.image}: expected an M3D-Seg image of shape (1, X, Y, Z), got {image.shape}")
+    if case.label is None:
+        return []
+    shape = m3d_mask_shape(case.label)
+    if len(shape) != 4 or shape[1:] != image.shape[1:]:
+        raise CaseError(f"{case.label}: mask shape {shape} does not fit the image {image.shape}")
+    mask = scipy.sparse.load_npz(case.label)
+    if mask.shape != (shape[0], int(np.prod(shape[1:]))):
+        raise CaseError(f"{case.label}: sparse matrix {mask.shape} does not match the shape in its name {shape}")
+    if mask.nnz and not np.all(mask.data == 1):
+        raise CaseError(f"{case.label}: mask channels are not binary")
+    filled = np.flatnonzero(mask.getnnz(axis=1)) + 1
+    return check_labels(f"{case.key} ({case.label})", filled, case.label_map)
+
+
+def validate(case: Case) -> Case:
+    """Open the case's files and check them; returns the case with the classes present filled in."""
+    for p in (case.image, case.label):
+        if p is not None and not p.is_file():
+            raise CaseError(f"{p}: file not found")
+    present = _check_nifti(case) if case.format == "nifti" else _check_m3d(case)
+    if case.label is not None and not present:
+        raise CaseError(f"{case.label}: label map is empty (no structure labelled)")
+    return dataclasses.replace(case, labels_present=tuple(present))

@@ -280,6 +280,46 @@ class DataConfig(_Section):
         return self
 
 
+class SplitConfig(_Section):
+    """Patient-level split of the manifest and round-robin training subsets (``segevo split``)."""
+
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    seed: int = 0
+    subsets: list[int] = Field(default_factory=lambda: [200, 400, 800])
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        if any(n <= 0 for n in self.subsets):
+            raise ValueError("subset sizes must be positive")
+        return self
+
+
+class LoaderConfig(_Section):
+    """Training samples from the prep cache: SegVol's crop/resize choice, flips, jitter, prompts, balance."""
+
+    resize_probability: float = Field(0.25, ge=0, le=1)
+    positive_fraction: float = Field(2 / 3, ge=0, le=1)
+    flip_probability: float = Field(0.2, ge=0, le=1)
+    intensity_probability: float = Field(0.2, ge=0, le=1)
+    intensity_scale: float = Field(0.1, ge=0)
+    intensity_shift: float = Field(0.1, ge=0)
+    box_jitter: float = Field(0.1, ge=0, lt=1)
+    max_extra_positive: int = Field(10, ge=0)
+    max_negative: int = Field(10, ge=0)
+    balance: Literal["none", "class", "modality", "class+modality"] = "class+modality"
+    samples_per_epoch: int = Field(1000, gt=0)
+    pseudo: bool = True
+    pseudo_min_fraction: float = Field(0.001, ge=0, lt=1)
+    seed: int = 0
+
+    @property
+    def num_points(self) -> int:
+        return 1 + self.max_extra_positive + self.max_negative
+
+
 class SegevoConfig(_Section):
     """The whole configuration tree (one section per concern)."""
 
@@ -288,6 +328,8 @@ class SegevoConfig(_Section):
     adapters: AdaptersConfig = AdaptersConfig()
     priors: PriorsConfig = PriorsConfig()
     train: TrainConfig = TrainConfig()
+    split: SplitConfig = SplitConfig()
+    loader: LoaderConfig = LoaderConfig()
     pseudomask: PseudoMaskConfig = PseudoMaskConfig()
 
 

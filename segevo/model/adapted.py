@@ -82,7 +82,7 @@ class AdaptedSegVol(nn.Module):
         """Image embedding (B, C, *feat) through each row's expert and the prior fusion."""
         self.base._check_image(image)
         b = image.shape[0]
-        with self._route(experts):
+        with self._route(experts, image.device):
             tokens = self.base.image_encoder(image)
         state: dict = {}
         if self.priors is not None:
@@ -110,7 +110,7 @@ class AdaptedSegVol(nn.Module):
                 proto = self.priors.posterior(state["task_tokens"], sparse, mask, row_samples, k * b, rows)
                 return (proto, None) if kind == "additive" else (None, proto)
 
-        with self._route(experts * k):
+        with self._route(experts * k, emb.device):
             return self.base.decode_combinations(emb, requests, self.templates(experts), posterior)
 
     def forward_requests(self, image: torch.Tensor, modality: str | Sequence[str], requests: Requests,
@@ -129,8 +129,8 @@ class AdaptedSegVol(nn.Module):
         combo = "+".join(n for n, v in (("text", text), ("box", boxes), ("point", points)) if v is not None)
         return self.forward_requests(image, modality, [(combo, prompts)], task)[0]
 
-    def _route(self, experts: list[str]) -> AbstractContextManager[None]:
-        return self.moa.route(experts) if self.moa is not None else nullcontext()
+    def _route(self, experts: list[str], device: torch.device) -> AbstractContextManager[None]:
+        return self.moa.route(experts, device) if self.moa is not None else nullcontext()
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------
 

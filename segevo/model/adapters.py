@@ -1,10 +1,12 @@
 """Mixture-of-Adapters: one expert per modality, top-1 routing per row, LoRA experts on peft.
 
-Every LoRA expert is a named peft adapter injected into the same SegVol; the identity expert is no adapter at
-all (peft's ``"__base__"``), so its rows compute exactly the pretrained model. Routing hands each LoRA layer
-the per-row adapter names through a forward pre-hook, which is peft's own mixed-batch path
-(``_mixed_batch_forward``): the LoRA update is computed only for the rows of its expert and gradients reach
-only the selected expert. peft's ``LoraModel`` refuses per-row names in training mode, so the hooks are ours.
+Every LoRA expert is a named peft adapter injected into the same SegVol, and all of them stay active. Routing
+multiplies the output of each expert's ``lora_A`` by a 0/1 row mask (a forward hook), so a row receives
+exactly its own expert's update: for other rows the low-rank activation is zero, ``lora_B`` (bias-free) maps
+it to exact zeros, and identity-expert rows compute the pretrained SegVol bit for bit. Gradients follow the
+same masks, so only the selected expert learns from a row. The cost is plain LoRA's plus one multiply on the
+rank-r activation; peft's own mixed-batch path (gather/scatter per layer, refused in training mode) measured
+about 2x slower per step on the CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -20,8 +23,6 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from segevo.config import AdaptersConfig, ExpertConfig
-
-BASE = "__base__"
 
 
 class UnknownModality(ValueError):
@@ -56,9 +57,12 @@ class MixtureOfAdapters:
         self.layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
         if self.lora_experts and not self.layers:
             raise ValueError("adapters: no module matched the LoRA target names")
-        self._route: list[str] | None = None
+        self._masks: dict[str, torch.Tensor] | None = None
         for layer in self.layers.values():
-            layer.register_forward_pre_hook(self._inject_route, with_kwargs=True)
+            present = [e for e in self.lora_experts if e in layer.lora_A]
+            layer.set_adapter(present)  # every expert active (and trainable); the masks do the routing
+            for expert in present:
+                layer.lora_A[expert].register_forward_hook(partial(self._mask_rows, expert))
 
     def expert_of(self, modality: str) -> str:
         if modality in self.cfg.experts:
@@ -68,29 +72,25 @@ class MixtureOfAdapters:
         raise UnknownModality(f"unknown modality {modality!r}: experts exist for {', '.join(self.cfg.experts)} "
                               f"(set adapters.fallback to route other modalities to one of them)")
 
-    def adapter_names(self, modalities: Sequence[str]) -> list[str]:
-        """peft adapter name per row: the LoRA expert's name, or ``__base__`` for identity experts."""
-        names = []
-        for m in modalities:
-            expert = self.expert_of(m)
-            names.append(BASE if self.cfg.experts[expert].kind == "identity" else expert)
-        return names
-
     @contextmanager
-    def route(self, modalities: Sequence[str]) -> Iterator[None]:
+    def route(self, modalities: Sequence[str], device: torch.device | str) -> Iterator[None]:
         """Within the block, row i of every LoRA layer's input goes through ``modalities[i]``'s expert."""
-        previous, self._route = self._route, self.adapter_names(modalities)
+        experts = [self.expert_of(m) for m in modalities]
+        masks = torch.tensor([[float(e == name) for e in experts] for name in self.lora_experts],
+                             device=device).reshape(len(self.lora_experts), len(experts))
+        previous, self._masks = self._masks, dict(zip(self.lora_experts, masks.unbind(0), strict=True))
         try:
             yield
         finally:
-            self._route = previous
+            self._masks = previous
 
-    def _inject_route(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if self._route is None:
+    def _mask_rows(self, expert: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self._masks is None:
             raise RuntimeError("a LoRA layer ran outside MixtureOfAdapters.route(): rows have no expert")
-        if args and args[0].shape[0] != len(self._route):
-            raise RuntimeError(f"route has {len(self._route)} rows, the layer input {args[0].shape[0]}")
-        return args, {**kwargs, "adapter_names": self._route}
+        mask = self._masks[expert]
+        if output.shape[0] != mask.shape[0]:
+            raise RuntimeError(f"route has {mask.shape[0]} rows, the layer input {output.shape[0]}")
+        return output * mask.reshape(-1, *([1] * (output.dim() - 1))).to(output.dtype)
 
     def expert_parameters(self, expert: str) -> dict[str, nn.Parameter]:
         """The LoRA parameters of one expert, keyed by their name inside the model."""

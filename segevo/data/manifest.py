@@ -1,0 +1,94 @@
+"""The manifest: the contract between the data stages and training (one row per preprocessed case).
+
+``segevo preprocess`` writes ``<prep>/manifest.json``; the split, the loader, training and evaluation read it.
+Each row says where the model-ready arrays are and how to map a prediction back onto the raw NIfTI grid:
+
+- arrays (paths relative to the manifest's folder), all in SegVol's axis order (D, H, W), i.e. the raw array
+  transposed by ``axis_order`` = (2, 1, 0), then cropped to the foreground box ``crop_start:crop_end``:
+  ``image`` float16 in [0, 1]; ``label`` uint8 class indices (0 background, i + 1 = ``classes[i]``);
+  ``pseudo`` int16 pseudo-mask region ids (-1 none) or None; ``zoom_image`` / ``zoom_label`` /
+  ``zoom_pseudo``: the same volumes resized to the model's ROI (trilinear / nearest / nearest), for the
+  "resize the whole volume" samples;
+- ``shape`` (D, H, W) after the crop, ``raw_shape`` of the raw array, ``affine`` of the raw NIfTI (4x4),
+  ``spacing`` (D, H, W) in mm;
+- ``classes`` in the unified vocabulary, ``voxels`` per class (for balanced sampling), provenance
+  (``raw_sha256``) and identity (``source``, ``case_id``, ``patient_id``, ``modality``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segevo.io import atomic_write_json
+
+MANIFEST_VERSION = 1
+AXIS_ORDER = (2, 1, 0)
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, malformed, or points at missing arrays."""
+
+
+@dataclass(frozen=True)
+class PrepCase:
+    source: str
+    case_id: str
+    patient_id: str
+    modality: str
+    classes: tuple[str, ...]
+    image: str
+    label: str
+    zoom_image: str
+    zoom_label: str
+    shape: tuple[int, int, int]
+    raw_shape: tuple[int, int, int]
+    crop_start: tuple[int, int, int]
+    crop_end: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    affine: tuple[tuple[float, ...], ...]
+    raw_sha256: str
+    voxels: dict[str, int] = field(default_factory=dict)
+    pseudo: str | None = None
+    zoom_pseudo: str | None = None
+    axis_order: tuple[int, int, int] = AXIS_ORDER
+    annotation: str = "manual"
+
+    @property
+    def key(self) -> str:
+        return f"{self.source}/{self.case_id}"
+
+    def path(self, root: Path, name: str) -> Path:
+        """Absolute path of one of the case's arrays (``image``, ``label``, ``pseudo``, ...)."""
+        rel = getattr(self, name)
+        if rel is None:
+            raise ManifestError(f"{self.key}: has no {name} array")
+        return root / rel
+
+
+def _tupled(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tupled(v) for v in value)
+    return value
+
+
+def write_manifest(path: str | Path, cases: list[PrepCase], meta: dict[str, Any]) -> Path:
+    rows = [asdict(c) for c in sorted(cases, key=lambda c: c.key)]
+    return atomic_write_json(path, {"version": MANIFEST_VERSION, "meta": meta, "cases": rows})
+
+
+def read_manifest(path: str | Path) -> tuple[list[PrepCase], dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest (run 'segevo preprocess' first)")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != MANIFEST_VERSION:
+            raise ManifestError(f"{path}: manifest version {data.get('version')}, expected {MANIFEST_VERSION}")
+        cases = [PrepCase(**{k: _tupled(v) if k != "voxels" else v for k, v in row.items()})
+                 for row in data["cases"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ManifestError(f"{path}: malformed manifest: {err}") from None
+    return cases, data.get("meta", {})

@@ -1,0 +1,138 @@
+"""The training loader over a (synthetic) prep cache: shapes, prompts, seeds, balance, distributed use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from segevo.config import LoaderConfig
+from segevo.data.dataset import TrainDataset, collate, sampling_weights
+from segevo.data.manifest import PrepCase
+from segevo.data.prompts import bounding_box, jitter_box, sample_points
+
+ROI = (8, 32, 32)
+
+
+def nearest(a: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour resize to the ROI (what preprocess stores as the zoom-out copies)."""
+    idx = [np.minimum(np.arange(r) * s // r, s - 1) for r, s in zip(ROI, a.shape, strict=True)]
+    return a[np.ix_(*idx)].copy()
+
+
+def write_case(root: Path, name: str, modality: str, shape, classes, pseudo: bool, seed: int) -> PrepCase:
+    rng = np.random.default_rng(seed)
+    folder = root / name
+    folder.mkdir(parents=True)
+    image = rng.random(shape).astype(np.float16)
+    label = np.zeros(shape, np.uint8)
+    d, h, w = shape
+    label[d // 4 : d // 2, h // 4 : h // 2, w // 4 : w // 2] = 1
+    if len(classes) > 1:
+        label[d // 2 : d - 2, h // 2 : h - 3, 2:6] = 2
+    arrays = {"image": image, "label": label, "zoom_image": nearest(image), "zoom_label": nearest(label)}
+    if pseudo:
+        p = (np.arange(np.prod(shape)).reshape(shape) // (np.prod(shape) // 5)).astype(np.int16)
+        arrays["pseudo"], arrays["zoom_pseudo"] = p, nearest(p)
+    for key, value in arrays.items():
+        np.save(folder / f"{key}.npy", value)
+    rel = {k: f"{name}/{k}.npy" for k in arrays}
+    voxels = {c: int((label == i + 1).sum()) for i, c in enumerate(classes)}
+    return PrepCase(source=name.split("_")[0], case_id=name, patient_id=name, modality=modality,
+                    classes=tuple(classes), image=rel["image"], label=rel["label"], zoom_image=rel["zoom_image"],
+                    zoom_label=rel["zoom_label"], pseudo=rel.get("pseudo"), zoom_pseudo=rel.get("zoom_pseudo"),
+                    shape=shape, raw_shape=shape[::-1], crop_start=(0, 0, 0), crop_end=shape,
+                    spacing=(1.0, 1.0, 1.0), affine=tuple(tuple(r) for r in np.eye(4)), raw_sha256="0" * 64,
+                    voxels=voxels)
+
+
+@pytest.fixture()
+def prep(tmp_path):
+    cases = [
+        write_case(tmp_path, "ct_a", "CT", (12, 40, 44), ["liver", "spleen"], pseudo=True, seed=0),
+        write_case(tmp_path, "ct_b", "CT", (6, 30, 30), ["liver"], pseudo=False, seed=1),  # smaller than the ROI
+        write_case(tmp_path, "mr_a", "MRI-T2", (10, 36, 36), ["liver", "kidney"], pseudo=True, seed=2),
+    ]
+    return tmp_path, cases
+
+
+def test_samples_have_roi_shapes_and_valid_prompts(prep):
+    root, cases = prep
+    ds = TrainDataset(root, cases, ROI, LoaderConfig(samples_per_epoch=40))
+    for i in range(40):
+        s = ds[i]
+        assert s["image"].shape == (1, *ROI) and s["image"].dtype == torch.float32
+        assert s["target"].shape == (1, *ROI) and s["target"].sum() > 0
+        box, target = s["boxes"], s["target"][0].numpy().astype(bool)
+        assert (box[:3] <= box[3:]).all() and (box[3:] < torch.tensor(ROI)).all()
+        labels, coords = s["point_labels"], s["point_coords"].long()
+        assert labels.shape == (21,) and labels[0] == 1
+        for c, lab in zip(coords, labels, strict=True):
+            if lab == 1:
+                assert target[tuple(c)]
+            elif lab == 0:
+                assert not target[tuple(c)]
+        assert s["modality"] in ("CT", "MRI")
+        source = s["case"].split("/")[0]
+        assert s["task_id"] == ds.tasks.id(source, s["class_name"]) > 0
+
+
+def test_a_sample_is_the_same_whatever_the_workers(prep):
+    root, cases = prep
+    cfg = LoaderConfig(samples_per_epoch=8, seed=3)
+    single = [TrainDataset(root, cases, ROI, cfg)[i] for i in range(8)]
+    loader = DataLoader(TrainDataset(root, cases, ROI, cfg), batch_size=4, num_workers=2, collate_fn=collate)
+    batches = list(loader)
+    stacked = torch.cat([b.image for b in batches])
+    assert torch.equal(stacked, torch.stack([s["image"] for s in single]))
+    assert [n for b in batches for n in b.class_names] == [s["class_name"] for s in single]
+    other_epoch = TrainDataset(root, cases, ROI, cfg)
+    other_epoch.set_epoch(1)
+    assert any(not torch.equal(other_epoch[i]["image"], single[i]["image"]) for i in range(8))
+
+
+def test_distributed_ranks_see_disjoint_indices(prep):
+    root, cases = prep
+    ds = TrainDataset(root, cases, ROI, LoaderConfig(samples_per_epoch=10))
+    seen = [list(DistributedSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=0)) for r in (0, 1)]
+    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == 5
+
+
+def test_collate_builds_a_train_batch_with_pseudo_only_when_all_have_it(prep):
+    root, cases = prep
+    ds = TrainDataset(root, cases[:1], ROI, LoaderConfig(samples_per_epoch=4, resize_probability=0))
+    batch = collate([ds[i] for i in range(4)])
+    assert batch.image.shape == (4, 1, *ROI) and batch.pseudo_target is not None
+    assert batch.point_labels.shape == (4, 21) and batch.task_ids.shape == (4,)
+    no_pseudo = TrainDataset(root, cases[1:2], ROI, LoaderConfig(samples_per_epoch=2))
+    assert collate([no_pseudo[0], ds[0]]).pseudo_target is None
+
+
+def test_balanced_weights_equalise_classes_and_modalities(prep):
+    _, cases = prep
+    entries = [(i, n) for i, c in enumerate(cases) for n in c.classes]
+    w = sampling_weights(entries, cases, "class+modality")
+    by_mod = {"CT": 0.0, "MRI": 0.0}
+    for (i, _), x in zip(entries, w, strict=True):
+        by_mod[cases[i].modality.split("-")[0]] += x
+    assert by_mod["CT"] == pytest.approx(0.5) and by_mod["MRI"] == pytest.approx(0.5)
+    uniform = sampling_weights(entries, cases, "none")
+    assert np.allclose(uniform, 1 / len(entries))
+
+
+def test_prompt_helpers():
+    mask = np.zeros((6, 10, 10), bool)
+    mask[1:3, 2:5, 4:9] = True
+    assert bounding_box(mask).tolist() == [1, 2, 4, 2, 4, 8]
+    assert bounding_box(np.zeros((2, 2, 2), bool)) is None
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        b = jitter_box(bounding_box(mask), mask.shape, 0.3, rng)
+        assert (b[:3] <= b[3:]).all() and b.min() >= 0 and (b[3:] <= np.array(mask.shape) - 1).all()
+    coords, labels = sample_points(mask, 3, 4, 10, rng)
+    assert labels.tolist()[:3] == [1, 1, 1] and (labels == -1).sum() >= 3
+    with pytest.raises(ValueError, match="empty mask"):
+        sample_points(np.zeros((2, 2, 2), bool), 1, 0, 3, rng)

@@ -7,13 +7,15 @@ full-resolution Dice + BCE, AdamW step. Variants:
   lora        SegVol with one LoRA adapter applied to every row (the prototype's plain LoRA fine-tuning)
   moa         the same rank, routed per row (identity for CT, LoRA for MRI)
   moa_priors  MoA plus context priors at the default pool size
-Variants run interleaved step by step, so load on the machine hits all of them alike; medians are reported.
+Variants run interleaved step by step in a shuffled order, so load on the machine hits all of them alike;
+medians are reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import sys
 import time
@@ -115,8 +117,11 @@ def main() -> None:
         return time.perf_counter() - t
 
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for i in range(args.steps + 1):  # the first round warms up
-        for name in variants:
+    order = random.Random(0)
+    for i in range(args.steps + 1):  # the first round warms up; the order is shuffled every round
+        names = list(variants)
+        order.shuffle(names)
+        for name in names:
             dt = step(name)
             if i:
                 times[name].append(dt)

@@ -15,7 +15,7 @@ from torch import nn
 
 from segevo.config import AdaptersConfig, PriorsConfig
 from segevo.model.adapters import MixtureOfAdapters, UnknownModality
-from segevo.model.priors import ContextPriors, TaskVocabulary, select_rows
+from segevo.model.priors import ContextPriors, TaskVocabulary
 from segevo.model.segvol import Points, Prompts, SegVol
 
 Requests = Sequence[tuple[str, Prompts]]
@@ -86,12 +86,10 @@ class AdaptedSegVol(nn.Module):
             tokens = self.base.image_encoder(image)
         state: dict = {}
         if self.priors is not None:
-            active = self._prior_rows(experts)
-            if any(active):
-                rows = select_rows(active, image.device)
-                modality_ids = torch.tensor([self.modalities.index(e) for e in experts], device=image.device)
-                tokens, task_tokens = self.priors.fuse(tokens, task_ids, modality_ids, rows)
-                state = {"active": active, "task_tokens": task_tokens}
+            weight = torch.tensor(self._prior_rows(experts), dtype=tokens.dtype, device=image.device)
+            modality_ids = torch.tensor([self.modalities.index(e) for e in experts], device=image.device)
+            tokens, task_tokens = self.priors.fuse(tokens, task_ids, modality_ids, weight)
+            state = {"weight": weight, "task_tokens": task_tokens}
         emb = tokens.transpose(1, 2).reshape(b, -1, *self.base.cfg.feat_shape)
         return emb, state
 
@@ -100,14 +98,12 @@ class AdaptedSegVol(nn.Module):
         b, k = emb.shape[0], len(requests)
         posterior = None
         if state:
-            row_active = state["active"] * k
-            rows = select_rows(row_active, emb.device)
-            positions = torch.cumsum(torch.tensor(state["active"], device=emb.device), 0) - 1
-            row_samples = positions.repeat(k) if rows is None else positions.repeat(k).index_select(0, rows)
+            row_samples = torch.arange(b, device=emb.device).repeat(k)
+            row_weight = state["weight"].repeat(k)
             kind = self.priors_cfg.prototype
 
             def posterior(sparse: torch.Tensor, mask: torch.Tensor | None):
-                proto = self.priors.posterior(state["task_tokens"], sparse, mask, row_samples, k * b, rows)
+                proto = self.priors.posterior(state["task_tokens"], sparse, mask, row_samples, row_weight)
                 return (proto, None) if kind == "additive" else (None, proto)
 
         with self._route(experts * k, emb.device):

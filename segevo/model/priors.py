@@ -14,7 +14,7 @@ into a posterior prototype that adapts SegVol's mask decoder.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -138,46 +138,36 @@ class ContextPriors(nn.Module):
         self.prototype_gate = nn.Parameter(torch.zeros(1))
 
     def fuse(self, tokens: torch.Tensor, task_ids: torch.Tensor, modality_ids: torch.Tensor,
-             rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image tokens (B, N, C) adapted through the gated image path, and the fused task tokens of the
-        selected ``rows`` (all rows when None); rows not selected keep their tokens bit for bit."""
-        sel = tokens if rows is None else tokens.index_select(0, rows)
-        t_ids = task_ids if rows is None else task_ids.index_select(0, rows)
-        m_ids = modality_ids if rows is None else modality_ids.index_select(0, rows)
+             row_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image tokens (B, N, C) adapted through the gated image path, and the fused task tokens.
+
+        ``row_weight`` (B,) is 1 for rows the priors adapt and 0 for rows that must stay the base model's bit
+        for bit. Every row is computed either way, so every prior parameter receives a gradient on every
+        rank (DeepSpeed's gradient buckets must match across ranks, whatever rows a rank happens to hold).
+        """
         src = self.source_embedding
-        priors = torch.cat([self.task_pool[t_ids] + src[TASK], self.modality_pool[m_ids] + src[MODALITY]], dim=1)
-        image_in = self.image_in(sel)
+        priors = torch.cat([self.task_pool[task_ids] + src[TASK], self.modality_pool[modality_ids] + src[MODALITY]],
+                           dim=1)
+        image_in = self.image_in(tokens)
         image = image_in
         for block in self.blocks:
             priors, image = block(priors, image, src[IMAGE])
         if self.image_out is not None:
-            update = self.image_gate * self.image_out(image - image_in)
-            tokens = tokens + update if rows is None else tokens.index_add(0, rows, update)
+            weight = row_weight.to(tokens.dtype).reshape(-1, 1, 1)
+            tokens = tokens + self.image_gate * self.image_out(image - image_in) * weight
         return tokens, priors[:, : self.cfg.pool_size]
 
     def posterior(self, task_tokens: torch.Tensor, sparse: torch.Tensor, token_mask: torch.Tensor | None,
-                  row_samples: torch.Tensor, n_rows: int, rows: torch.Tensor | None) -> torch.Tensor:
-        """Per decoder row: the gated prototype (additive delta or multiplicative kernel), zero elsewhere.
+                  row_samples: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+        """Per decoder row: the gated prototype (additive delta or multiplicative kernel), times ``row_weight``.
 
-        ``task_tokens`` are the fused task tokens of the selected samples, ``row_samples`` maps each selected
-        decoder row to its position among them, and ``rows`` lists the selected decoder rows (None: all).
+        ``row_samples`` maps each decoder row to its sample; rows with weight 0 get exact zeros.
         """
         t = task_tokens.index_select(0, row_samples)
-        s = sparse if rows is None else sparse.index_select(0, rows)
-        m = token_mask if (rows is None or token_mask is None) else token_mask.index_select(0, rows)
-        prompt = self.norm_prompt(self.prompt_in(s) + self.source_embedding[PROMPT])
-        t = t + self.task_from_prompt(self.norm_task(t), prompt, m)
+        prompt = self.norm_prompt(self.prompt_in(sparse) + self.source_embedding[PROMPT])
+        t = t + self.task_from_prompt(self.norm_task(t), prompt, token_mask)
         proto = self.prototype_gate * self.posterior_mlp(self.norm_post(t).mean(dim=1))
-        if rows is None:
-            return proto
-        return proto.new_zeros(n_rows, proto.shape[1]).index_copy(0, rows, proto)
+        return proto * row_weight.to(proto.dtype)[:, None]
 
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def select_rows(active: Sequence[bool], device: torch.device) -> torch.Tensor | None:
-    """Index tensor of active rows; None when every row is active (no gather needed)."""
-    if all(active):
-        return None
-    return torch.tensor([i for i, a in enumerate(active) if a], dtype=torch.long, device=device)

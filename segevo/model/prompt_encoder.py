@@ -34,7 +34,8 @@ class PositionEmbeddingRandom(nn.Module):
     def dense(self, size: tuple[int, int, int]) -> torch.Tensor:
         """Encoding of every cell of the token grid, ``(C, *size)``; channel order x=axis1, y=axis0, z=axis2."""
         h, w, d = size
-        grid = torch.ones((h, w, d), device=self.positional_encoding_gaussian_matrix.device)
+        g = self.positional_encoding_gaussian_matrix
+        grid = torch.ones((h, w, d), device=g.device, dtype=g.dtype)
         y = (grid.cumsum(dim=0) - 0.5) / h
         x = (grid.cumsum(dim=1) - 0.5) / w
         z = (grid.cumsum(dim=2) - 0.5) / d
@@ -42,7 +43,7 @@ class PositionEmbeddingRandom(nn.Module):
 
     def forward_with_coords(self, coords: torch.Tensor, image_size: tuple[int, int, int]) -> torch.Tensor:
         scale = coords.new_tensor([image_size[1], image_size[0], image_size[2]])
-        return self._pe_encoding((coords / scale).float())
+        return self._pe_encoding((coords / scale).to(self.positional_encoding_gaussian_matrix.dtype))
 
 
 class PromptEncoder(nn.Module):

@@ -2,51 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from prep_helpers import ROI, write_case
 from torch.utils.data import DataLoader, DistributedSampler
 
 from segevo.config import LoaderConfig
 from segevo.data.dataset import TrainDataset, collate, sampling_weights
-from segevo.data.manifest import PrepCase
 from segevo.data.prompts import bounding_box, jitter_box, sample_points
-
-ROI = (8, 32, 32)
-
-
-def nearest(a: np.ndarray) -> np.ndarray:
-    """Nearest-neighbour resize to the ROI (what preprocess stores as the zoom-out copies)."""
-    idx = [np.minimum(np.arange(r) * s // r, s - 1) for r, s in zip(ROI, a.shape, strict=True)]
-    return a[np.ix_(*idx)].copy()
-
-
-def write_case(root: Path, name: str, modality: str, shape, classes, pseudo: bool, seed: int) -> PrepCase:
-    rng = np.random.default_rng(seed)
-    folder = root / name
-    folder.mkdir(parents=True)
-    image = rng.random(shape).astype(np.float16)
-    label = np.zeros(shape, np.uint8)
-    d, h, w = shape
-    label[d // 4 : d // 2, h // 4 : h // 2, w // 4 : w // 2] = 1
-    if len(classes) > 1:
-        label[d // 2 : d - 2, h // 2 : h - 3, 2:6] = 2
-    arrays = {"image": image, "label": label, "zoom_image": nearest(image), "zoom_label": nearest(label)}
-    if pseudo:
-        p = (np.arange(np.prod(shape)).reshape(shape) // (np.prod(shape) // 5)).astype(np.int16)
-        arrays["pseudo"], arrays["zoom_pseudo"] = p, nearest(p)
-    for key, value in arrays.items():
-        np.save(folder / f"{key}.npy", value)
-    rel = {k: f"{name}/{k}.npy" for k in arrays}
-    voxels = {c: int((label == i + 1).sum()) for i, c in enumerate(classes)}
-    return PrepCase(source=name.split("_")[0], case_id=name, patient_id=name, modality=modality,
-                    classes=tuple(classes), image=rel["image"], label=rel["label"], zoom_image=rel["zoom_image"],
-                    zoom_label=rel["zoom_label"], pseudo=rel.get("pseudo"), zoom_pseudo=rel.get("zoom_pseudo"),
-                    shape=shape, raw_shape=shape[::-1], crop_start=(0, 0, 0), crop_end=shape,
-                    spacing=(1.0, 1.0, 1.0), affine=tuple(tuple(r) for r in np.eye(4)), raw_sha256="0" * 64,
-                    voxels=voxels)
 
 
 @pytest.fixture()

@@ -85,8 +85,10 @@ class AdaptedSegVol(nn.Module):
         with self._route(experts, image.device):
             tokens = self.base.image_encoder(image)
         state: dict = {}
-        if self.priors is not None:
-            weight = torch.tensor(self._prior_rows(experts), dtype=tokens.dtype, device=image.device)
+        adapt = self._prior_rows(experts)
+        # Without gradients, rows the priors leave alone need no prior computation at all.
+        if self.priors is not None and (torch.is_grad_enabled() or any(adapt)):
+            weight = torch.tensor(adapt, dtype=tokens.dtype, device=image.device)
             modality_ids = torch.tensor([self.modalities.index(e) for e in experts], device=image.device)
             tokens, task_tokens = self.priors.fuse(tokens, task_ids, modality_ids, weight)
             state = {"weight": weight, "task_tokens": task_tokens}
@@ -111,9 +113,30 @@ class AdaptedSegVol(nn.Module):
 
     def forward_requests(self, image: torch.Tensor, modality: str | Sequence[str], requests: Requests,
                          task: torch.Tensor | Sequence | None = None) -> torch.Tensor:
-        experts = self.experts_of(modality, image.shape[0] if isinstance(image, torch.Tensor) else 0)
-        emb, state = self.encode(image, experts, self.task_ids(task, image.shape[0], image.device))
-        return self.decode(emb, state, experts, requests)
+        """Logits (K, B, 1, *roi). Training runs every row in one batch (routing by masks); without gradients
+        rows are grouped by expert and each group runs with its LoRA merged into the weights (no LoRA cost)."""
+        b = image.shape[0] if isinstance(image, torch.Tensor) and image.dim() else 0
+        experts = self.experts_of(modality, b)
+        task_ids = self.task_ids(task, b, image.device)
+        self.base._check_image(image)
+        for prompts in {id(p): p for _, p in requests}.values():  # clear errors before rows are split up
+            self.base._check_prompts(b, prompts.text, prompts.boxes, prompts.points)
+        if self.moa is None or torch.is_grad_enabled():
+            emb, state = self.encode(image, experts, task_ids)
+            return self.decode(emb, state, experts, requests)
+        out = None
+        for expert in dict.fromkeys(experts):
+            rows = [i for i, e in enumerate(experts) if e == expert]
+            index = torch.tensor(rows, device=image.device)
+            sub = [(combo, _take(p, rows, index)) for combo, p in requests]
+            with self.moa.inference(expert):
+                emb, state = self.encode(image.index_select(0, index), [expert] * len(rows),
+                                         task_ids.index_select(0, index))
+                logits = self.decode(emb, state, [expert] * len(rows), sub)
+            if out is None:
+                out = logits.new_empty(logits.shape[0], b, *logits.shape[2:])
+            out.index_copy_(1, index, logits)
+        return out
 
     def forward(self, image: torch.Tensor, modality: str | Sequence[str], text: str | Sequence[str] | None = None,
                 boxes: torch.Tensor | None = None, points: Points | None = None,
@@ -134,3 +157,15 @@ class AdaptedSegVol(nn.Module):
         counts = dict(self.moa.trainable_counts()) if self.moa is not None else {}
         counts["priors"] = self.priors.trainable_count() if self.priors is not None else 0
         return counts
+
+
+def _take(prompts: Prompts, rows: list[int], index: torch.Tensor) -> Prompts:
+    """The prompts of some rows of a batch."""
+    text = prompts.text
+    if text is not None and not isinstance(text, str):
+        text = [text[i] for i in rows]
+    return Prompts(
+        text,
+        prompts.boxes.index_select(0, index) if prompts.boxes is not None else None,
+        tuple(t.index_select(0, index) for t in prompts.points) if prompts.points is not None else None,
+    )

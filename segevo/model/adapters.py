@@ -58,11 +58,44 @@ class MixtureOfAdapters:
         if self.lora_experts and not self.layers:
             raise ValueError("adapters: no module matched the LoRA target names")
         self._masks: dict[str, torch.Tensor] | None = None
+        self._merged: dict[tuple[str, str], tuple[tuple, torch.Tensor]] = {}
         for layer in self.layers.values():
             present = [e for e in self.lora_experts if e in layer.lora_A]
             layer.set_adapter(present)  # every expert active (and trainable); the masks do the routing
             for expert in present:
                 layer.lora_A[expert].register_forward_hook(partial(self._mask_rows, expert))
+
+    @contextmanager
+    def inference(self, expert: str) -> Iterator[None]:
+        """No-grad fast path for rows of one expert: LoRA switched off and, for a LoRA expert, its update merged
+        into the base weights. The merged weights are cached (and rebuilt when the adapter changes); the base
+        tensors are swapped back untouched afterwards, so identity rows stay bit-exact."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("MixtureOfAdapters.inference() is for no-grad forwards only")
+        swapped = []
+        for name, layer in self.layers.items():
+            layer._disable_adapters = True
+            if expert in layer.lora_A:
+                weight = layer.get_base_layer().weight
+                swapped.append((weight, weight.data))
+                weight.data = self._merged_weight(expert, name, layer)
+        try:
+            yield
+        finally:
+            for weight, original in swapped:
+                weight.data = original
+            for layer in self.layers.values():
+                layer._disable_adapters = False
+
+    def _merged_weight(self, expert: str, name: str, layer: LoraLayer) -> torch.Tensor:
+        base = layer.get_base_layer().weight
+        params = [layer.lora_A[expert].weight, layer.lora_B[expert].weight]
+        version = (base.data_ptr(), base._version, *(p._version for p in params), *(p.data_ptr() for p in params))
+        cached = self._merged.get((expert, name))
+        if cached is None or cached[0] != version:
+            cached = (version, base.data + layer.get_delta_weight(expert).to(base.dtype))
+            self._merged[(expert, name)] = cached
+        return cached[1]
 
     def expert_of(self, modality: str) -> str:
         if modality in self.cfg.experts:

@@ -222,3 +222,20 @@ def test_adapter_checkpoint_for_another_configuration_is_refused(tmp_path):
 
     with pytest.raises(CheckpointError, match="mis-shaped tensors"):
         load_adapters(other, tmp_path / "run")
+
+
+def test_no_grad_inference_merges_lora_and_matches_the_training_path(image):
+    model, _ = build(config())
+    perturb(model)
+    model.eval()
+    with torch.no_grad():
+        fast = model(image, MODALITIES, **prompts(3))
+    routed = model(image, MODALITIES, **prompts(3)).detach()  # with gradients: one batch, masked routing
+    torch.testing.assert_close(fast, routed, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(2)  # an optimiser step: the cached merged weights must follow
+        fast2 = model(image, MODALITIES, **prompts(3))
+    torch.testing.assert_close(fast2, model(image, MODALITIES, **prompts(3)).detach(), atol=1e-4, rtol=1e-4)
+    assert (fast2[1] - fast[1]).abs().max() > 1e-3 and torch.equal(fast2[0], fast[0])

@@ -10,6 +10,10 @@ import sys
 # verb -> (module, one-line help). Only verbs that work are listed.
 VERBS: dict[str, tuple[str, str]] = {
     "download": ("pipeline.download", "fetch the raw data sources and write the case table"),
+    "pseudomask": ("pipeline.pseudomask", "SegVol's FH pseudo-masks with the ground truth painted on top"),
+    "preprocess": ("pipeline.preprocess", "SegVol-faithful model-ready arrays and the manifest"),
+    "split": ("pipeline.split", "patient-level train/val/test split and balanced subsets"),
+    "train": ("pipeline.train", "fine-tune with Ray Train + DeepSpeed, tracked in MLflow"),
     "model": ("pipeline.model", "inspect the configured model (parameters per part)"),
     "weights": ("pipeline.weights", "check or download SegVol checkpoints"),
 }

@@ -7,6 +7,7 @@ Defaults describe the released SegVol (ViT-B, 32x256x256 ROI) so ``SegVolConfig(
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -207,7 +208,47 @@ class LossConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """Fine-tuning: optimisation, scale (Ray Train workers), checkpoints and fault tolerance."""
+
     loss: LossConfig = LossConfig()
+    run_id: str | None = None
+    base_weights: str | None = None
+    subset: str | None = None
+    epochs: int = Field(10, gt=0)
+    steps_per_epoch: int | None = Field(None, gt=0)
+    batch_size: int = Field(2, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)
+    zero_stage: int = Field(2, ge=0, le=2)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool | None = None
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    loader_workers: int = Field(1, ge=0)
+    val_samples: int = Field(8, gt=0)
+    early_stopping_patience: int = Field(5, ge=0)
+    storage_path: str = "runs"
+    max_failures: int = Field(2, ge=-1)
+    keep_checkpoints: int = Field(2, gt=0)
+    ray_address: str | None = None
+    output: str = "models/adapter"
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_id):
+            raise ValueError(f"run_id {self.run_id!r} may only hold letters, digits, '.', '_' and '-'")
+        return self
+
+
+class TrackingConfig(_Section):
+    """MLflow: a local SQLite store by default, a server when ``tracking_uri`` (or MLFLOW_TRACKING_URI) says so."""
+
+    tracking_uri: str | None = None
+    experiment: str = "segevo"
+    system_metrics: bool = True
 
 
 class PseudoMaskConfig(_Section):
@@ -227,6 +268,23 @@ class PseudoMaskConfig(_Section):
     def _check_grid(self) -> PseudoMaskConfig:
         if min(self.grid) <= 0:
             raise ValueError(f"grid {self.grid} must be positive on every axis")
+        return self
+
+
+class PreprocessConfig(_Section):
+    """``segevo pseudomask`` and ``segevo preprocess``: how many processes, and which channel of a multi-channel
+    image (MSD BraTS: FLAIR, T1w, t1gd, T2w) to keep: an index, or a sequence name as the case table lists it.
+
+    ``workers`` (default: one per CPU core) changes no output, so the DVC stages do not depend on it.
+    """
+
+    workers: int | None = Field(None, ge=1)
+    channel: int | str = Field(0)
+
+    @model_validator(mode="after")
+    def _check(self) -> PreprocessConfig:
+        if isinstance(self.channel, int) and self.channel < 0:
+            raise ValueError(f"channel {self.channel} must be a non-negative index or a sequence name")
         return self
 
 
@@ -330,7 +388,9 @@ class SegevoConfig(_Section):
     train: TrainConfig = TrainConfig()
     split: SplitConfig = SplitConfig()
     loader: LoaderConfig = LoaderConfig()
+    tracking: TrackingConfig = TrackingConfig()
     pseudomask: PseudoMaskConfig = PseudoMaskConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
 
 
 def _format_error(source: str, err: ValidationError) -> str:

@@ -12,7 +12,12 @@ Each row says where the model-ready arrays are and how to map a prediction back 
 - ``shape`` (D, H, W) after the crop, ``raw_shape`` of the raw array, ``affine`` of the raw NIfTI (4x4),
   ``spacing`` (D, H, W) in mm;
 - ``classes`` in the unified vocabulary, ``voxels`` per class (for balanced sampling), provenance
-  (``raw_sha256``) and identity (``source``, ``case_id``, ``patient_id``, ``modality``).
+  (``raw_sha256``) and identity (``source``, ``case_id``, ``patient_id``, ``modality``);
+- ``notes``: what preprocessing decided for the case (the channel kept of a multi-channel image, voxels in
+  several M3D-Seg channels, labelled voxels outside the foreground crop).
+
+``segevo.data.preprocess.to_raw_grid`` maps a prep-grid volume back onto the raw grid (``from_raw_grid`` is the
+forward direction).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class PrepCase:
     zoom_pseudo: str | None = None
     axis_order: tuple[int, int, int] = AXIS_ORDER
     annotation: str = "manual"
+    notes: tuple[str, ...] = ()  # what preprocessing had to decide: channel kept, overlaps, voxels cropped away
 
     @property
     def key(self) -> str:

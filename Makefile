@@ -37,8 +37,13 @@ demo: setup
 test: setup
 	pytest
 
+# All benchmarks, each writing bench/results/<name>.json with machine and commit (about 20 minutes on 2 cores).
 bench: setup
 	python bench/model_forward.py
+	python bench/pseudomask.py
+	python bench/preprocess.py
+	python bench/loader.py
+	python bench/model_step.py --size full --steps 5 --out bench/results/model_step_cpu_full.json
 
 lint: setup
 	ruff check segevo pipeline tests bench

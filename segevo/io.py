@@ -14,7 +14,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make shared outputs unreadable to others
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would make shared outputs unreadable to others
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -26,10 +26,21 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return path
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def atomic_write_npy(path: str | os.PathLike[str], array: Any) -> Path:
+    """``np.save`` (no pickles) into a temporary file in the same folder, renamed into place."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:

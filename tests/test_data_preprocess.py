@@ -444,3 +444,17 @@ def test_manifest_rows_are_json_and_relative(tmp_path):
     for path in (prep.path.parent / "syn" / "a", tmp_path / "pseudo" / "syn" / "a.npy"):
         want = (0o777 if path.is_dir() else 0o666) & ~umask
         assert path.stat().st_mode & 0o777 == want, path
+
+
+def test_class_locations_sample_every_class_and_cap_the_count():
+    from segevo.data.preprocess import class_locations
+
+    label = np.zeros((20, 30, 30), np.uint8)
+    label[2:18, 5:25, 5:25] = 1  # large: capped
+    label[10, 10, 10] = 3  # a single voxel: kept
+    loc = class_locations(label, per_class=100)
+    assert loc.dtype == np.int32 and loc.shape[1] == 4
+    for c, d, h, w in loc:
+        assert label[d, h, w] == c
+    assert (loc[:, 0] == 1).sum() == 100 and (loc[:, 0] == 3).sum() == 1 and not (loc[:, 0] == 2).any()
+    assert class_locations(np.zeros((2, 2, 2), np.uint8)).shape == (0, 4)

@@ -131,7 +131,12 @@ class TrainDataset(Dataset):
         return image, label, pseudo
 
     def _foreground_voxel(self, i: int, k: int, rng: np.random.Generator) -> np.ndarray:
-        """A random voxel of class ``k``: found from a random slab first, so large volumes stay cheap."""
+        """A random voxel of class ``k``: from the precomputed class locations, else searched slab by slab."""
+        if self.cases[i].locations is not None:
+            locations = self._array(i, "locations")
+            rows = np.flatnonzero(locations[:, 0] == k)
+            if rows.size:
+                return np.asarray(locations[rng.choice(rows), 1:], dtype=np.int64)
         label = self._array(i, "label")
         d = label.shape[0]
         for _ in range(8):

@@ -8,7 +8,7 @@ Each row says where the model-ready arrays are and how to map a prediction back 
   ``image`` float16 in [0, 1]; ``label`` uint8 class indices (0 background, i + 1 = ``classes[i]``);
   ``pseudo`` int16 pseudo-mask region ids (-1 none) or None; ``zoom_image`` / ``zoom_label`` /
   ``zoom_pseudo``: the same volumes resized to the model's ROI (trilinear / nearest / nearest), for the
-  "resize the whole volume" samples;
+  "resize the whole volume" samples; ``locations`` int32 (class, d, h, w) rows, up to 1024 voxels per class;
 - ``shape`` (D, H, W) after the crop, ``raw_shape`` of the raw array, ``affine`` of the raw NIfTI (4x4),
   ``spacing`` (D, H, W) in mm;
 - ``classes`` in the unified vocabulary, ``voxels`` per class (for balanced sampling), provenance
@@ -58,6 +58,7 @@ class PrepCase:
     voxels: dict[str, int] = field(default_factory=dict)
     pseudo: str | None = None
     zoom_pseudo: str | None = None
+    locations: str | None = None
     axis_order: tuple[int, int, int] = AXIS_ORDER
     annotation: str = "manual"
     notes: tuple[str, ...] = ()  # what preprocessing had to decide: channel kept, overlaps, voxels cropped away

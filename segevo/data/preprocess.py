@@ -51,12 +51,13 @@ from segevo.config import PseudoMaskConfig, SegevoConfig
 from segevo.data.cases import Case, CaseError, m3d_mask_shape, read_case_table
 from segevo.data.manifest import AXIS_ORDER, PrepCase, write_manifest
 from segevo.data.vocabulary import LabelError, check_labels
+from segevo.io import atomic_write_json, atomic_write_npy, current_umask
 
 VERSION = 1  # bump when the outputs change for a reason the code fingerprint cannot see (a library upgrade)
 PSEUDO_INDEX = "index.json"
 MANIFEST = "manifest.json"
 CASE_META = "case.json"
-ARRAYS = ("image", "label", "pseudo", "zoom_image", "zoom_label", "zoom_pseudo")
+ARRAYS = ("image", "label", "pseudo", "zoom_image", "zoom_label", "zoom_pseudo", "locations")
 log = logging.getLogger(__name__)
 
 
@@ -369,6 +370,23 @@ def pseudo_mask(case: Case, cfg: PseudoMaskConfig, channel: int | str = 0) -> tu
     return cleaned.astype(np.int16), info
 
 
+def class_locations(label: np.ndarray, per_class: int = 1024, seed: int = 0) -> np.ndarray:
+    """Up to ``per_class`` random voxels of every class as (class, d, h, w) rows (int32): the loader centres
+    positive crops on them in O(1) instead of searching a 512x512x300 label map for a small organ."""
+    flat = np.flatnonzero(label)
+    values = label.ravel()[flat]
+    order = np.argsort(values, kind="stable")
+    bounds = np.cumsum(np.bincount(values, minlength=int(label.max()) + 1))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(1, len(bounds)):
+        members = order[bounds[k - 1] : bounds[k]]
+        if members.size:
+            pick = flat[members if members.size <= per_class else rng.choice(members, per_class, replace=False)]
+            rows.append(np.column_stack([np.full(pick.size, k), *np.unravel_index(pick, label.shape)]))
+    return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
+
+
 def prepare_arrays(case: Case, roi: Sequence[int], channel: int | str = 0,
                    pseudo: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """One case's model-ready arrays (see the module docstring) and the manifest fields that describe them.
@@ -406,6 +424,7 @@ def prepare_arrays(case: Case, roi: Sequence[int], channel: int | str = 0,
         "zoom_image": resize_linear(image, roi).astype(np.float16),
         "zoom_label": resize_nearest(label, roi),
     }
+    arrays["locations"] = class_locations(label)
     if pseudo is not None:
         # nearest from the FH grid straight onto the cropped, transposed raw grid: (X, Y, Z) index per raw axis
         index = [nearest_index(n, m) for n, m in zip(pseudo.shape, raw_shape, strict=True)]
@@ -473,35 +492,6 @@ def _case_identity(case: Case, base: Path) -> dict[str, Any]:
     return {"key": case.key, "format": case.format, "image_sha256": case.image_sha256,
             "label_map": {str(k): v for k, v in sorted(case.label_map.items())}, "channels": list(case.channels),
             "files": files, "stats": _file_stats(case.image, case.label)}
-
-
-def save_npy(path: Path, array: np.ndarray) -> Path:
-    """``np.save`` through a temporary file in the same folder, renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide shared data from the other users
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from segevo.io import atomic_write_json
-
-    atomic_write_json(path, obj)
 
 
 def default_workers() -> int:
@@ -660,9 +650,9 @@ def pseudo_params(cfg: SegevoConfig) -> dict[str, Any]:
 def _pseudo_job(case: Case, cfg: PseudoMaskConfig, channel: int | str, out: Path, fingerprint: str,
                 meta: dict[str, Any]) -> dict[str, Any]:
     pseudo, info = pseudo_mask(case, cfg, channel)
-    save_npy(out, pseudo)
+    atomic_write_npy(out, pseudo)
     sidecar = {"fingerprint": fingerprint, "grid": list(pseudo.shape), "dtype": "int16", **meta, **info}
-    _write_json(out.with_suffix(".json"), sidecar)
+    atomic_write_json(out.with_suffix(".json"), sidecar)
     return sidecar
 
 
@@ -703,7 +693,7 @@ def run_pseudomask(cfg: SegevoConfig, workers: int | None = None, force: bool = 
     _prune(root, keep | {index}, "*/*.*")
     entries = {k: {"path": f"{k}.npy", "fingerprint": v["fingerprint"], "grid": v["grid"], "ids": v.get("ids")}
                for k, v in sorted(outputs.items())}
-    _write_json(index, {"version": 1, "code": code, **params, "cases": entries, "skipped": skipped,
+    atomic_write_json(index, {"version": 1, "code": code, **params, "cases": entries, "skipped": skipped,
                         "unlabelled": unlabelled})
     return StageReport(outputs, len(jobs) - len(skipped), len(outputs) - (len(jobs) - len(skipped)), skipped,
                        unlabelled, index)
@@ -734,7 +724,7 @@ def _prep_job(case: Case, roi: tuple[int, ...], channel: int | str, pseudo_path:
     rel = f"{case.source}/{case.case_id}"
     row = PrepCase(source=case.source, case_id=case.case_id, patient_id=case.patient_id, modality=case.modality,
                    image=f"{rel}/image.npy", label=f"{rel}/label.npy", zoom_image=f"{rel}/zoom_image.npy",
-                   zoom_label=f"{rel}/zoom_label.npy",
+                   zoom_label=f"{rel}/zoom_label.npy", locations=f"{rel}/locations.npy",
                    pseudo=f"{rel}/pseudo.npy" if pseudo is not None else None,
                    zoom_pseudo=f"{rel}/zoom_pseudo.npy" if pseudo is not None else None,
                    raw_sha256=case.image_sha256, annotation=case.annotation, **fields)
@@ -742,13 +732,13 @@ def _prep_job(case: Case, roi: tuple[int, ...], channel: int | str, pseudo_path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     old = None
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide shared data from the other users
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide shared data from the other users
         for name, array in arrays.items():
             with open(tmp / f"{name}.npy", "wb") as f:
                 np.save(f, array, allow_pickle=False)
                 f.flush()
                 os.fsync(f.fileno())
-        _write_json(tmp / CASE_META, {"fingerprint": fingerprint, "row": asdict(row)})
+        atomic_write_json(tmp / CASE_META, {"fingerprint": fingerprint, "row": asdict(row)})
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)

@@ -127,7 +127,9 @@ class ContextPriors(nn.Module):
         self.blocks = nn.ModuleList(
             PriorFusionBlock(dim, cfg.num_heads, cfg.mlp_ratio, cfg.fuse_image) for _ in range(cfg.depth)
         )
-        self.image_out = nn.Linear(dim, model_dim) if cfg.fuse_image else None
+        # Bias-free, so scaling its small input by gate x row weight scales its output exactly (and a zero
+        # weight gives exact zeros) without two extra passes over the full-width image tokens.
+        self.image_out = nn.Linear(dim, model_dim, bias=False) if cfg.fuse_image else None
         self.norm_task = nn.LayerNorm(dim)
         self.norm_prompt = nn.LayerNorm(dim)
         self.task_from_prompt = CrossAttention(dim, cfg.num_heads)
@@ -153,8 +155,8 @@ class ContextPriors(nn.Module):
         for block in self.blocks:
             priors, image = block(priors, image, src[IMAGE])
         if self.image_out is not None:
-            weight = row_weight.to(tokens.dtype).reshape(-1, 1, 1)
-            tokens = tokens + self.image_gate * self.image_out(image - image_in) * weight
+            scale = (self.image_gate * row_weight.to(self.image_gate.dtype)).reshape(-1, 1, 1)
+            tokens = tokens + self.image_out((image - image_in) * scale.to(image.dtype))
         return tokens, priors[:, : self.cfg.pool_size]
 
     def posterior(self, task_tokens: torch.Tensor, sparse: torch.Tensor, token_mask: torch.Tensor | None,

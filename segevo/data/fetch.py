@@ -9,6 +9,7 @@ a refused or interrupted extraction leaves nothing behind.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import http.client
 import logging
@@ -234,7 +235,9 @@ def _select_tar(archive: Path, tar: tarfile.TarFile, include: Callable[[str], bo
         linkname = _strip(m.linkname, strip) if m.islnk() else m.linkname
         if m.islnk() and not linkname:
             raise ArchiveError(f"{archive}: refused: hard link {m.name!r} targets a stripped folder")
-        selected.append(m.replace(name=name, linkname=linkname, deep=False))
+        renamed = copy.copy(m)  # TarInfo.replace() only exists from Python 3.11.4
+        renamed.name, renamed.linkname = name, linkname
+        selected.append(renamed)
     return selected
 
 
@@ -246,11 +249,14 @@ def _extract_tar(archive: Path, tmp: Path, include: Callable[[str], bool] | None
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = _select_tar(archive, tar, include, strip)
-            # the 'data' filter re-checks every member against the real file system as a second line of defence
+            # where Python has it (3.11.4+), the 'data' filter re-checks every member against the real file
+            # system as a second line of defence behind the checks above
+            extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             for member in _progress(members, archive):
-                tar.extract(member, tmp, filter="data")
+                tar.extract(member, tmp, **extra)
     except (tarfile.TarError, EOFError, OSError, KeyError) as err:
-        if isinstance(err, tarfile.FilterError):
+        filter_error = getattr(tarfile, "FilterError", None)
+        if filter_error is not None and isinstance(err, filter_error):
             raise ArchiveError(f"{archive}: refused: {err}") from None
         raise ArchiveError(f"{archive}: not a readable tar archive ({err})") from None
 

@@ -1,6 +1,7 @@
 """Train-step cost of MoA and priors against plain LoRA, and inference cost against plain SegVol.
 
-usage: python bench/model_step.py [--size tiny|full] [--device cpu|cuda] [--batch B] [--steps N] --out FILE
+usage: python bench/model_step.py [--size tiny|full] [--device cpu|cuda] [--batch B] [--steps N]
+                                  [--infer-repeats N] --out FILE
 
 Same batch for every variant: half CT rows, half MRI rows, six prompt combinations in one decoder batch,
 full-resolution Dice + BCE, AdamW step. Variants:
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="default: 4 on a GPU, 2 on the CPU")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--infer-repeats", type=int, default=20)
     ap.add_argument("--config", default=str(REPO / "configs" / "full.yaml"))
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -138,7 +140,7 @@ def main() -> None:
              "moa_priors": lambda: full(batch.image, batch.modalities, text=batch.class_names, points=points,
                                         task=batch.task_ids)}
     with torch.no_grad(), autocast:
-        for i in range(2 * args.steps + 1):
+        for i in range(args.infer_repeats + 1):
             names = list(calls)
             order.shuffle(names)
             for name in names:

@@ -88,12 +88,18 @@ class MixtureOfAdapters:
                 layer._disable_adapters = False
 
     def _merged_weight(self, expert: str, name: str, layer: LoraLayer) -> torch.Tensor:
+        """W + delta, cached; under autocast, already in the autocast dtype, so the layers skip the per-call
+        weight cast (the frozen base is cast on every call: with rows split into groups, that adds up)."""
         base = layer.get_base_layer().weight
+        device = base.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else base.dtype
         params = [layer.lora_A[expert].weight, layer.lora_B[expert].weight]
-        version = (base.data_ptr(), base._version, *(p._version for p in params), *(p.data_ptr() for p in params))
+        version = (dtype, base.data_ptr(), base._version, *(p._version for p in params),
+                   *(p.data_ptr() for p in params))
         cached = self._merged.get((expert, name))
         if cached is None or cached[0] != version:
-            cached = (version, base.data + layer.get_delta_weight(expert).to(base.dtype))
+            merged = base.data + layer.get_delta_weight(expert).to(base.dtype)
+            cached = (version, merged.to(dtype))
             self._merged[(expert, name)] = cached
         return cached[1]
 

@@ -122,6 +122,9 @@ class TextEncoder(nn.Module):
 
     def forward(self, names: list[str], templates: list[str] | None = None) -> torch.Tensor:
         """``templates`` gives one template per row (per-modality prompts); default: the configured one."""
-        with torch.no_grad():
-            pooled = self.clip_text_model.text_model(self.tokenize(names, templates))
+        ids = self.tokenize(names, templates)
+        # The frozen tower sees a dozen tokens: under autocast, casting its 63M weights would cost more than the
+        # maths, and once per call (per expert group at inference), so it runs in its own dtype.
+        with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
+            pooled = self.clip_text_model.text_model(ids)
         return self.dim_align(pooled.to(self.dim_align.weight.dtype))

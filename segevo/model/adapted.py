@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from segevo.config import AdaptersConfig, PriorsConfig
-from segevo.model.adapters import MixtureOfAdapters, UnknownModality
+from segevo.model.adapters import MixtureOfAdapters, expert_of
 from segevo.model.priors import ContextPriors, TaskVocabulary
 from segevo.model.segvol import Points, Prompts, SegVol
 
@@ -41,16 +41,7 @@ class AdaptedSegVol(nn.Module):
         names = [modality] * b if isinstance(modality, str) else list(modality)
         if len(names) != b:
             raise ValueError(f"modality has {len(names)} entries for a batch of {b}: give one per row")
-        out = []
-        for m in names:
-            if m in self.adapters_cfg.experts:
-                out.append(m)
-            elif self.adapters_cfg.fallback is not None:
-                out.append(self.adapters_cfg.fallback)
-            else:
-                raise UnknownModality(f"unknown modality {m!r}: experts exist for {', '.join(self.modalities)} "
-                                      f"(set adapters.fallback to route other modalities to one of them)")
-        return out
+        return [expert_of(self.adapters_cfg, m) for m in names]
 
     def _is_identity(self, expert: str) -> bool:
         return self.moa is not None and self.adapters_cfg.experts[expert].kind == "identity"
@@ -79,8 +70,8 @@ class AdaptedSegVol(nn.Module):
     # ---- forward --------------------------------------------------------------------------------------------
 
     def encode(self, image: torch.Tensor, experts: list[str], task_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Image embedding (B, C, *feat) through each row's expert and the prior fusion."""
-        self.base._check_image(image)
+        """Image embedding (B, C, *feat) through each row's expert and the prior fusion (image validated by the
+        caller, ``forward_requests``)."""
         b = image.shape[0]
         with self._route(experts, image.device):
             tokens = self.base.image_encoder(image)

@@ -29,6 +29,16 @@ class UnknownModality(ValueError):
     """A sample's modality has no expert and no fallback is configured."""
 
 
+def expert_of(cfg: AdaptersConfig, modality: str) -> str:
+    """The expert a modality routes to: its own, else the configured fallback, else an error."""
+    if modality in cfg.experts:
+        return modality
+    if cfg.fallback is not None:
+        return cfg.fallback
+    raise UnknownModality(f"unknown modality {modality!r}: experts exist for {', '.join(cfg.experts)} "
+                          f"(set adapters.fallback to route other modalities to one of them)")
+
+
 def target_regex(expert: ExpertConfig) -> str:
     """Module-name pattern of an expert's targets, scoped to the ViT blocks and the decoder transformer."""
     vit = "|".join(re.escape(t) for t in expert.vit_targets)
@@ -104,12 +114,7 @@ class MixtureOfAdapters:
         return cached[1]
 
     def expert_of(self, modality: str) -> str:
-        if modality in self.cfg.experts:
-            return modality
-        if self.cfg.fallback is not None:
-            return self.cfg.fallback
-        raise UnknownModality(f"unknown modality {modality!r}: experts exist for {', '.join(self.cfg.experts)} "
-                              f"(set adapters.fallback to route other modalities to one of them)")
+        return expert_of(self.cfg, modality)
 
     @contextmanager
     def route(self, modalities: Sequence[str], device: torch.device | str) -> Iterator[None]:

@@ -17,9 +17,12 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from segevo.model.segvol import SegVol
 
 LAYOUTS = ("hf", "v1", "vit")
 _PREFIX = {"hf": "model.", "v1": "module.", "vit": "model.encoder."}
@@ -172,7 +175,7 @@ def check_keys(expected: Mapping[str, torch.Tensor], sd: Mapping[str, object]) -
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, layout: str = "auto",
+def load_checkpoint(model: SegVol, path: str | Path, layout: str = "auto",
                     trust_pickle: bool = False) -> LoadReport:
     """Load a SegVol checkpoint into ``model`` strictly; ``vit`` fills the image encoder only."""
     obj = read_checkpoint(path, trust_pickle=trust_pickle)
@@ -185,9 +188,5 @@ def load_checkpoint(model: nn.Module, path: str | Path, layout: str = "auto",
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
     target.load_state_dict(sd, strict=True)
-    parts = {
-        name: sum(p.numel() for p in getattr(model, name).parameters())
-        for name in ("image_encoder", "prompt_encoder", "mask_decoder", "text_encoder")
-        if layout != "vit" or name == "image_encoder"
-    }
+    parts = {name: n for name, n in model.parameter_counts().items() if layout != "vit" or name == "image_encoder"}
     return LoadReport(path=str(path), layout=layout, loaded=len(sd), dropped=dropped, parts=parts)

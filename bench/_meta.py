@@ -43,3 +43,11 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def write_result(out: str | os.PathLike[str], result: dict) -> None:
+    """Every result records the commit and the machine it was measured on; written atomically."""
+    from segevo.io import atomic_write_json
+
+    atomic_write_json(out, {**result, "commit": git_commit(), "machine": machine()})
+    print(f"wrote {out}")

@@ -21,11 +21,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _meta import REPO, git_commit, machine  # noqa: E402
+from _meta import REPO, write_result  # noqa: E402
 from preprocess import big_ct  # noqa: E402
 
 from segevo.config import load_config  # noqa: E402
-from segevo.io import atomic_write_json  # noqa: E402
 
 ANCHOR = {"demo": 11.2, "ct_512x512x300": 0.2}
 
@@ -82,11 +81,8 @@ def main() -> None:
         "target_per_core": 25,
         "load_avg_1min": round(load, 2),
         "numpy": np.__version__,
-        "commit": git_commit(),
-        "machine": machine(),
     }
-    atomic_write_json(args.out, result)
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _meta import REPO, git_commit, machine  # noqa: E402
+from _meta import REPO, write_result  # noqa: E402
 
 from segevo.config import load_config  # noqa: E402
-from segevo.io import atomic_write_json  # noqa: E402
 from segevo.model import SegVol  # noqa: E402
 
 
@@ -78,16 +77,13 @@ def main() -> None:
         print(json.dumps(rows[-1]))
     result = {
         "benchmark": "model_forward",
-        "commit": git_commit(),
-        "machine": machine(),
         "device": args.device,
         "batch_size": 1,
         "repeats": args.repeats,
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "rows": rows,
     }
-    atomic_write_json(args.out, result)
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _meta import REPO, git_commit, machine  # noqa: E402
+from _meta import REPO, write_result  # noqa: E402
 
 from segevo.config import ModelConfig, SegevoConfig, load_config  # noqa: E402
-from segevo.io import atomic_write_json  # noqa: E402
 from segevo.losses import TrainBatch, combination_loss  # noqa: E402
 from segevo.model import SegVol  # noqa: E402
 from segevo.model.adapted import AdaptedSegVol  # noqa: E402
@@ -175,12 +174,9 @@ def main() -> None:
         "trainable": {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in variants.items()},
         "all_step_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "torch": torch.__version__,
-        "machine": machine(),
-        "commit": git_commit(),
     }
-    atomic_write_json(args.out, result)
     print({k: result[k] for k in ("median_step_s", "ratios", "infer_ratio", "min_ratios")})
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

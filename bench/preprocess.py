@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _meta import REPO, git_commit, machine  # noqa: E402
+from _meta import REPO, write_result  # noqa: E402
 
 from segevo.config import SegevoConfig, load_config  # noqa: E402
-from segevo.io import atomic_write_json  # noqa: E402
 
 BIG = (512, 512, 300)
 
@@ -110,11 +109,8 @@ def main() -> None:
         "demo": demo_result,
         "ct_512x512x300": big_result,
         "load_avg_1min": round(load, 2),
-        "commit": git_commit(),
-        "machine": machine(),
     }
-    atomic_write_json(args.out, result)
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _meta import REPO, git_commit, machine  # noqa: E402
+from _meta import REPO, write_result  # noqa: E402
 
 from segevo.data import pseudomask  # noqa: E402
-from segevo.io import atomic_write_json  # noqa: E402
 
 SEGVOL_SECONDS = 104.8
 KERNELS = ("_merge_below", "_compact", "_edge_regions", "_merge_small", "_relabel")
@@ -65,12 +64,9 @@ def main() -> None:
         "segvol_seconds": SEGVOL_SECONDS,
         "speedup_vs_segvol": round(SEGVOL_SECONDS / seconds, 1),
         "load_avg_1min": round(load, 2),
-        "commit": git_commit(),
-        "machine": machine(),
     }
-    atomic_write_json(args.out, result)
-    print({k: v for k, v in result.items() if k != "machine"})
-    print(f"wrote {args.out}")
+    print(result)
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

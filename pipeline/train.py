@@ -218,7 +218,7 @@ def export(cfg, result: Any, run_id: str, tracking_uri: str, timings: dict) -> N
     shutil.rmtree(tmp, ignore_errors=True)
     with best.as_directory() as d:
         shutil.copytree(Path(d) / "adapters", tmp)
-        progress = json.loads((Path(d) / "adapters" / "adapters.json").read_text())["trainable"]
+        trainable = json.loads((Path(d) / "adapters" / "adapters.json").read_text())["trainable"]
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -231,7 +231,7 @@ def export(cfg, result: Any, run_id: str, tracking_uri: str, timings: dict) -> N
         "run_id": run_id, "epochs_run": len(rows), "best_epoch": best_row.get("epoch"),
         "best_val_dice": best_row.get("val_dice"), "final_loss": final.get("loss"),
         "samples_per_s": final.get("samples_per_s"), "epoch_s": final.get("epoch_s"),
-        "peak_memory_gib": final.get("peak_memory_gib"), "trainable": progress,
+        "peak_memory_gib": final.get("peak_memory_gib"), "trainable": trainable,
         "checkpoint": best.path, **timings,
     }
     METRICS.mkdir(exist_ok=True)

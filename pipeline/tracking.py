@@ -95,6 +95,123 @@ class Tracker:
                 self._warn(f"MLflow end_run failed: {_first_line(err)}")
 
 
+class StudyRuns:
+    """The MLflow side of an Optuna study: one parent run per study, one child run per trial, best effort.
+
+    A trial's child run is its training run (named by its ``run_id``): created here under the parent with the
+    trial's config as params, then continued by the training workers' ``Tracker``. Processes sharing a study share
+    its parent (found by tag). Like ``Tracker``, an unreachable or failing store warns once and goes quiet.
+    """
+
+    def __init__(self, uri: str, experiment: str, study: str):
+        self.active = False
+        self._warned = False
+        self._study = study
+        try:
+            Tracker._reachable(uri)
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=uri)
+            self._experiment = self._experiment_id(experiment)
+            self.parent_id = self._parent()
+            self.active = True
+        except Exception as err:
+            self._warn(f"MLflow tracking of study {study} disabled ({uri}): {_first_line(err)}")
+
+    def _experiment_id(self, name: str) -> str:
+        found = self._client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self._client.create_experiment(name)
+        except Exception:  # another process created it first
+            return self._client.get_experiment_by_name(name).experiment_id
+
+    def _parents(self) -> list:
+        return self._client.search_runs(
+            [self._experiment], f"tags.`segevo.study` = '{self._study}' and tags.`segevo.role` = 'study'",
+            order_by=["attributes.start_time ASC"])
+
+    def _parent(self) -> str:
+        """The study's parent run; when two processes create one at once, the older one wins, ours goes."""
+        found = self._parents()
+        if not found:
+            mine = self._client.create_run(self._experiment, run_name=self._study,
+                                           tags={"segevo.study": self._study, "segevo.role": "study"}).info.run_id
+            found = self._parents()
+            if found[0].info.run_id != mine:
+                self._client.delete_run(mine)
+        parent = found[0].info.run_id
+        self._client.update_run(parent, status="RUNNING")
+        return parent
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            self._warned = True
+        self.active = False
+
+    def _child(self, run_id: str) -> str | None:
+        found = self._client.search_runs([self._experiment], f"tags.mlflow.runName = '{run_id}'", max_results=1)
+        return found[0].info.run_id if found else None
+
+    def start_trial(self, run_id: str, number: int, config: dict[str, Any]) -> None:
+        """The trial's child run; a retried trial (same ``run_id``) continues the dead one's run."""
+        if not self.active:
+            return
+        try:
+            from mlflow.entities import Param
+
+            tags = {"mlflow.parentRunId": self.parent_id, "segevo.study": self._study, "optuna.trial": str(number)}
+            child = self._child(run_id)
+            if child is None:
+                child = self._client.create_run(self._experiment, run_name=run_id, tags=tags).info.run_id
+                self._client.log_batch(child, params=[Param(k, v) for k, v in flatten(config).items()])
+            else:
+                for key, value in tags.items():
+                    self._client.set_tag(child, key, value)
+        except Exception as err:
+            self._warn(f"MLflow trial run failed, continuing without it: {_first_line(err)}")
+
+    def finish_trial(self, run_id: str, number: int, state: str, value: float | None) -> None:
+        """State on the child (pruned runs end KILLED, failed ones FAILED), the trial's value on the parent."""
+        if not self.active:
+            return
+        try:
+            child = self._child(run_id)
+            if child is not None:
+                self._client.set_tag(child, "optuna.state", state)
+                status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED")
+                self._client.set_terminated(child, status)
+            if value is not None:
+                self._client.log_metric(self.parent_id, "trial_val_dice", value, step=number)
+        except Exception as err:
+            self._warn(f"MLflow trial update failed, continuing without it: {_first_line(err)}")
+
+    def finish_study(self, best: dict[str, Any] | None, files: list[Path], done: bool) -> None:
+        """Tags the best trial on the parent and on its child run, uploads the study's plots."""
+        if not self.active:
+            return
+        try:
+            client, parent = self._client, self.parent_id
+            if best is not None:
+                previous = client.get_run(parent).data.tags.get("best_run_id")
+                if previous and previous != best["run_id"] and (old := self._child(previous)):
+                    client.set_tag(old, "segevo.best", "false")
+                for key in ("trial", "run_id", "value"):
+                    client.set_tag(parent, f"best_{key}", str(best[key]))
+                for key, value in best["params"].items():
+                    client.set_tag(parent, f"best.{key}", str(value))
+                if child := self._child(best["run_id"]):
+                    client.set_tag(child, "segevo.best", "true")
+            for path in files:
+                client.log_artifact(parent, str(path), "study")
+            if done:
+                client.set_terminated(parent, "FINISHED")
+        except Exception as err:
+            self._warn(f"MLflow study update failed: {_first_line(err)}")
+
+
 def _metric_name(name: str) -> str:
     """MLflow names allow alphanumerics, ``_-. :/``: prompt combinations like ``text+box`` become ``text_box``."""
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)

@@ -44,7 +44,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in keys.items() if v is not None}
 
 
-def _data(cfg) -> tuple[Path, dict]:
+def training_data(cfg) -> tuple[Path, dict]:
+    """The data root and the split, checked before any Ray start-up is paid."""
     import json
 
     from segevo.data.manifest import read_manifest
@@ -63,11 +64,9 @@ def run(args: argparse.Namespace) -> int:
     cfg, source = config_from_args(args)
     train = cfg.train.model_copy(update=_overrides(args))
     cfg = SegevoConfig.model_validate({**cfg.model_dump(), "train": train.model_dump()})
-    root, split = _data(cfg)
+    root, split = training_data(cfg)
     run_id = cfg.train.run_id or time.strftime("run-%Y%m%d-%H%M%S")
-    storage = cfg.train.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
+    storage = storage_uri(cfg)
     from pipeline.tracking import resolve_uri
 
     tracking_uri = resolve_uri(cfg.tracking.tracking_uri, Path.cwd())
@@ -76,28 +75,49 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch(cfg, root: Path, split: dict, run_id: str, storage: str, tracking_uri: str) -> tuple[Any, dict]:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def storage_uri(cfg) -> str:
+    """``train.storage_path`` as Ray wants it: a cloud URI as is, a local folder absolute."""
+    storage = cfg.train.storage_path
+    return storage if "://" in storage else str(Path(storage).resolve())
 
-    t = cfg.train
-    address = t.ray_address or os.environ.get("RAY_ADDRESS")
+
+def ensure_ray(cfg) -> float:
+    """Join ``train.ray_address``/``RAY_ADDRESS`` or start a local Ray, once per process; the seconds it took."""
+    import ray
+
     start = time.perf_counter()
     if not ray.is_initialized():
+        address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on loopback
             ray.init(include_dashboard=False, log_to_driver=True,
                      runtime_env={"env_vars": _worker_env()})
-    ray_init_s = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def launch(cfg, root: Path, split: dict, run_id: str, storage: str, tracking_uri: str,
+           relay: Any = None) -> tuple[Any, dict]:
+    """One Ray Train run. With a ``relay`` (``segevo tune``) every epoch's report goes to the driver, and the
+    workers wait for its verdict before the next epoch, so a pruned trial stops at the epoch it was pruned."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    ray_init_s = ensure_ray(cfg)
+    callbacks = []
+    if relay is not None:
+        from pipeline.report_relay import ForwardReports
+
+        callbacks.append(ForwardReports(relay))
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     resources = dict(t.resources_per_worker) or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "root": str(root), "split": split,
-                           "run_id": run_id, "tracking_uri": tracking_uri,
+                           "run_id": run_id, "tracking_uri": tracking_uri, "relay": relay,
                            "fault": os.environ.get("SEGEVO_FAULT_INJECT")},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -106,6 +126,7 @@ def launch(cfg, root: Path, split: dict, run_id: str, storage: str, tracking_uri
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_dice",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks,
         ),
     )
     fit_start = time.perf_counter()
@@ -183,11 +204,31 @@ def _worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         if tracker is not None:
             tracker.log_metrics(metrics, step=epoch)
+        if _stop_requested(config.get("relay"), epoch, rank):
+            print(f"[rank {rank}] pruned by the study after epoch {epoch}")
+            break
         if progress.should_stop(cfg.train.early_stopping_patience):
             print(f"[rank {rank}] early stop: no val_dice gain for {progress.stale_epochs} epochs")
             break
     if tracker is not None:
         tracker.close()
+
+
+def _stop_requested(relay: Any, epoch: int, rank: int) -> bool:
+    """Tuning only: rank 0 waits for the driver's verdict on this epoch and every rank gets the same answer."""
+    if relay is None:
+        return False
+    import ray
+    import torch
+    import torch.distributed as dist
+
+    verdict = int(ray.get(relay.verdict.remote(epoch))) if rank == 0 else 0
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return bool(verdict)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    stop = torch.tensor([verdict], dtype=torch.int32, device=device)
+    dist.broadcast(stop, src=0)
+    return bool(stop.item())
 
 
 def _maybe_inject_fault(spec: str | None, epoch: int, rank: int, world: int) -> None:
@@ -202,8 +243,9 @@ def _maybe_inject_fault(spec: str | None, epoch: int, rank: int, world: int) -> 
         os._exit(1)
 
 
-def export(cfg, result: Any, run_id: str, tracking_uri: str, timings: dict) -> None:
-    """Best adapter checkpoint into the workspace (atomically), metrics and curves for DVC, artifacts to MLflow."""
+def export(cfg, result: Any, run_id: str, tracking_uri: str, timings: dict, metrics_dir: Path = METRICS) -> dict:
+    """Best adapter checkpoint into ``train.output`` (atomically), the summary and curves into ``metrics_dir``
+    (DVC's ``metrics/``; a tuning trial's own folder), artifacts to MLflow. Returns the summary."""
     import json
 
     from segevo.io import atomic_write_json
@@ -234,21 +276,22 @@ def export(cfg, result: Any, run_id: str, tracking_uri: str, timings: dict) -> N
         "peak_memory_gib": final.get("peak_memory_gib"), "trainable": trainable,
         "checkpoint": best.path, **timings,
     }
-    METRICS.mkdir(exist_ok=True)
-    atomic_write_json(METRICS / "train.json", summary)
-    _curves(rows)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(metrics_dir / "train.json", summary)
+    _curves(rows, metrics_dir)
     from pipeline.tracking import Tracker
 
     tracker = Tracker(tracking_uri, cfg.tracking.experiment, run_id)
     tracker.log_artifacts(out, "adapter")
-    tracker.log_artifacts(METRICS / "train_curve.png")
+    tracker.log_artifacts(metrics_dir / "train_curve.png")
     tracker.close()
     print(f"run {run_id}: best val_dice {summary['best_val_dice']} at epoch {summary['best_epoch']}; "
           f"adapter -> {out}; checkpoints on {best.path}")
+    return summary
 
 
-def _curves(rows: list[dict]) -> None:
-    """``metrics/train_curve.csv`` (DVC plots) and a PNG of it (DVC's HTML needs a CDN offline)."""
+def _curves(rows: list[dict], metrics_dir: Path) -> None:
+    """``train_curve.csv`` (DVC plots) and a PNG of it (DVC's HTML needs a CDN offline)."""
     import csv
     import io
 
@@ -264,7 +307,7 @@ def _curves(rows: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(METRICS / "train_curve.csv", buffer.getvalue().encode())
+    atomic_write_bytes(metrics_dir / "train_curve.csv", buffer.getvalue().encode())
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
     epochs = [r["epoch"] for r in rows]
     ax[0].plot(epochs, [r["loss"] for r in rows], marker="o")
@@ -275,4 +318,4 @@ def _curves(rows: list[dict]) -> None:
     png = io.BytesIO()
     fig.savefig(png, dpi=100)
     plt.close(fig)
-    atomic_write_bytes(METRICS / "train_curve.png", png.getvalue())
+    atomic_write_bytes(metrics_dir / "train_curve.png", png.getvalue())

@@ -251,6 +251,83 @@ class TrackingConfig(_Section):
     system_metrics: bool = True
 
 
+class ParamSpec(_Section):
+    """One search-space dimension: ``choices`` (categorical), or ``low``..``high`` (int or float, ``log`` scale)."""
+
+    type: Literal["categorical", "int", "float"]
+    choices: list[bool | int | float | str] | None = None
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ParamSpec:
+        if self.type == "categorical":
+            if not self.choices or self.low is not None or self.high is not None or self.log:
+                raise ValueError("categorical takes a non-empty choices list and nothing else")
+            return self
+        if self.choices is not None or self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.type} takes low < high, not choices")
+        if self.type == "int" and not (isinstance(self.low, int) and isinstance(self.high, int)):
+            raise ValueError(f"int bounds must be integers, got {self.low!r}, {self.high!r}")
+        if self.log and self.low <= 0:
+            raise ValueError("log scale needs low > 0")
+        return self
+
+    def extremes(self) -> list[Any]:
+        """The values that must all be valid for the key: every choice, or both bounds."""
+        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
+
+
+class PrunerConfig(_Section):
+    """Stops unpromising trials from their validation Dice per epoch (epochs count from 0).
+
+    ``median``: below the median of earlier trials at the same epoch, once ``startup_trials`` finished and after
+    ``warmup_epochs``; ``successive_halving`` / ``hyperband``: rungs from ``min_epochs`` keeping 1/``reduction_factor``
+    of the trials; ``threshold``: Dice below ``min_dice`` after ``warmup_epochs``; ``none``: never.
+    """
+
+    kind: Literal["median", "successive_halving", "hyperband", "threshold", "none"] = "median"
+    startup_trials: int = Field(2, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+    min_epochs: int = Field(1, gt=0)
+    reduction_factor: int = Field(3, ge=2)
+    min_dice: float = Field(0.0, ge=0, le=1)
+
+
+class TuneConfig(_Section):
+    """``segevo tune``: an Optuna study over this config, maximising validation Dice, one Ray Train run per trial.
+
+    ``storage`` is an RDB URL: the embedded default is a SQLite file in the working directory, ``postgresql://``
+    serves studies that several machines share. ``trials`` is the number of finished (complete or pruned) trials
+    the study should hold, whichever processes ran them. A dead process's trial is failed once its heartbeat is
+    ``grace_s`` old and retried ``retries`` times, resuming the dead run's checkpoint. ``space`` maps dotted config
+    keys to their ranges; unset, it is the rank of every LoRA expert, ``priors.pool_size`` and ``train.lr``.
+    """
+
+    study: str = "segevo"
+    storage: str = "sqlite:///optuna.db"
+    trials: int = Field(20, gt=0)
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int | None = 0
+    pruner: PrunerConfig = PrunerConfig()
+    heartbeat_s: int = Field(10, gt=0)
+    grace_s: int = Field(60, gt=0)
+    retries: int = Field(1, ge=0)
+    output: str = "reports/tune"
+    space: dict[str, ParamSpec] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneConfig:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.study):
+            raise ValueError(f"study {self.study!r} may only hold letters, digits, '.', '_' and '-'")
+        if self.grace_s <= self.heartbeat_s:
+            raise ValueError(f"grace_s {self.grace_s} must exceed heartbeat_s {self.heartbeat_s}")
+        if self.space is not None and not self.space:
+            raise ValueError("space must name at least one key (leave it unset for the default)")
+        return self
+
+
 class PseudoMaskConfig(_Section):
     """SegVol's 3D Felzenszwalb-Huttenlocher pseudo-masks (its ``scale`` is unused upstream, so absent here).
 
@@ -389,15 +466,73 @@ class SegevoConfig(_Section):
     split: SplitConfig = SplitConfig()
     loader: LoaderConfig = LoaderConfig()
     tracking: TrackingConfig = TrackingConfig()
+    tune: TuneConfig = TuneConfig()
     pseudomask: PseudoMaskConfig = PseudoMaskConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
+
+    @model_validator(mode="after")
+    def _check_space(self) -> SegevoConfig:
+        """Every tuned key exists and accepts every value the study may give it, so trials never fail on config."""
+        base = self.model_copy(update={"tune": TuneConfig()})  # the copy's space is unset: no recursion
+        for key, spec in (self.tune.space or {}).items():
+            try:
+                _locate(base.model_dump(mode="json"), key)
+            except ConfigError as err:
+                raise ValueError(f"tune.space.{key}: {err}") from None
+            for value in spec.extremes():
+                try:
+                    with_values(base, {key: value})
+                except ConfigError as err:
+                    raise ValueError(f"tune.space.{key}: value {value!r}: {err}") from None
+        return self
 
 
 def _format_error(source: str, err: ValidationError) -> str:
     first = err.errors()[0]
-    path = ".".join(str(p) for p in first["loc"]) or "<root>"
+    path = ".".join(str(p) for p in first["loc"])
+    message = f"{path}: {first['msg']}" if path else first["msg"].removeprefix("Value error, ")
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {path}: {first['msg']}{more}"
+    return f"{source}: {message}{more}"
+
+
+def with_values(cfg: SegevoConfig, values: dict[str, Any]) -> SegevoConfig:
+    """A validated copy of ``cfg`` with dotted keys set, e.g. ``{"priors.pool_size": 8}`` (tuning trials)."""
+    data = cfg.model_dump(mode="json")
+    for key, value in values.items():
+        node, leaf = _locate(data, key)
+        node[leaf] = value
+    try:
+        return SegevoConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error("", err).removeprefix(": ")) from None
+
+
+def _locate(data: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
+    """The mapping holding the value of a dotted key, and the key's last part; unknown keys name what exists."""
+    *parents, leaf = key.split(".")
+    node = data
+    for depth, part in enumerate(parents):
+        if not isinstance(node.get(part), dict):
+            where = ".".join(parents[:depth]) or "the config"
+            raise ConfigError(f"{key!r} is not a config key: {where} has no section {part!r}")
+        node = node[part]
+    if leaf not in node or key.startswith("tune."):
+        known = ", ".join(k for k, v in node.items() if not isinstance(v, dict)) or ", ".join(node)
+        raise ConfigError(f"{key!r} is not a tunable config key; {'.'.join(parents) or 'the config'} has: {known}")
+    if isinstance(node[leaf], dict):
+        raise ConfigError(f"{key!r} is a section, not a value")
+    return node, leaf
+
+
+def search_space(cfg: SegevoConfig) -> dict[str, ParamSpec]:
+    """``tune.space``, or the default: the rank of every LoRA expert, the prior pool size, the learning rate."""
+    if cfg.tune.space is not None:
+        return dict(cfg.tune.space)
+    space = {f"adapters.experts.{name}.rank": ParamSpec(type="categorical", choices=[4, 8, 16, 32])
+             for name, expert in cfg.adapters.experts.items() if expert.kind == "lora"}
+    space["priors.pool_size"] = ParamSpec(type="categorical", choices=[1, 2, 4, 8, 16])
+    space["train.lr"] = ParamSpec(type="float", low=1e-5, high=1e-2, log=True)
+    return space
 
 
 def parse_config(data: dict[str, Any] | None, source: str = "<config>") -> SegevoConfig:

@@ -167,7 +167,6 @@ def _worker(config: dict) -> None:
     tasks = task_vocabulary(train_cases)
     device = training.device_for_worker()
     dtype = training.autocast_dtype(cfg, device)
-    torch.manual_seed(cfg.loader.seed)  # every rank starts from the same adapter and prior weights
     model = training.build_model(cfg, tasks).to(device)
     loaders = training.make_loaders(cfg, root / "prep", train_cases, val_cases, tasks, rank, world)
     engine = training.make_engine(model, cfg, loaders.steps_per_epoch * cfg.train.epochs)

@@ -455,6 +455,45 @@ class LoaderConfig(_Section):
         return 1 + self.max_extra_positive + self.max_negative
 
 
+PROMPT_TYPES = ("text", "box", "point", "text+box", "text+point", "box+point")
+
+
+class InferenceConfig(_Section):
+    """SegVol's zoom-out-zoom-in (``segevo predict`` and ``segevo evaluate``): a global pass on the volume resized
+    to the ROI, then sliding windows of the ROI's size over the coarse mask's bounding box."""
+
+    zoom_in: bool = True
+    overlap: float = Field(0.5, ge=0, lt=1)
+    window_batch: int = Field(4, gt=0)
+    precision: Literal["bf16", "fp32"] = "bf16"
+
+
+class EvaluateConfig(_Section):
+    """``segevo evaluate``: which cases, classes and prompts, the metrics' settings and the report."""
+
+    split: Literal["test", "val", "train"] = "test"
+    classes: list[str] | None = None
+    max_cases: int | None = Field(None, gt=0)
+    prompts: tuple[str, ...] = PROMPT_TYPES
+    box_jitter: tuple[int, ...] = (0, 1, 5, 10, 50)
+    positive_points: int = Field(4, gt=0)
+    negative_points: int = Field(3, ge=0)
+    nsd_tolerance_mm: float = Field(2.0, ge=0)
+    bootstrap: int = Field(2000, ge=100)
+    seed: int = 0
+    overlays: int = Field(4, ge=0)
+    report: str = "reports/eval"
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateConfig:
+        unknown = [p for p in self.prompts if p not in PROMPT_TYPES]
+        if unknown or not self.prompts:
+            raise ValueError(f"prompts must be a non-empty subset of {', '.join(PROMPT_TYPES)}; got {unknown}")
+        if any(j < 0 for j in self.box_jitter):
+            raise ValueError("box_jitter values are voxels and must be >= 0")
+        return self
+
+
 class SegevoConfig(_Section):
     """The whole configuration tree (one section per concern)."""
 
@@ -485,6 +524,8 @@ class SegevoConfig(_Section):
                 except ConfigError as err:
                     raise ValueError(f"tune.space.{key}: value {value!r}: {err}") from None
         return self
+    inference: InferenceConfig = InferenceConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 def _format_error(source: str, err: ValidationError) -> str:

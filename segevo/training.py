@@ -39,10 +39,16 @@ def autocast_dtype(cfg: SegevoConfig, device: torch.device) -> torch.dtype | Non
 
 
 def build_model(cfg: SegevoConfig, tasks: TaskVocabulary) -> AdaptedSegVol:
+    """The model to fine-tune, seeded so every rank starts from the same weights; without ``base_weights`` the
+    base is that seed's random init, recorded in the adapter checkpoint so evaluation can rebuild it."""
+    torch.manual_seed(cfg.loader.seed)
     base = SegVol(cfg.model)
     if cfg.train.base_weights:
         load_checkpoint(base, cfg.train.base_weights)
-    return AdaptedSegVol(base, cfg.adapters, cfg.priors, tasks)
+    model = AdaptedSegVol(base, cfg.adapters, cfg.priors, tasks)
+    model.base_origin = {"weights": cfg.train.base_weights,
+                         "seed": None if cfg.train.base_weights else cfg.loader.seed}
+    return model
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:

@@ -141,10 +141,43 @@ def to_raw_grid(prediction: np.ndarray, case: PrepCase, fill: int | float = 0) -
     prediction = np.asarray(prediction)
     if prediction.shape != tuple(case.shape):
         raise ValueError(f"{case.key}: prediction shape {prediction.shape} is not the prep shape {tuple(case.shape)}")
-    order = tuple(case.axis_order)
-    full = np.full(tuple(case.raw_shape[a] for a in order), fill, dtype=prediction.dtype)
-    full[_box(case.crop_start, case.crop_end)] = prediction
+    return paste_back(prediction, case.raw_shape, case.crop_start, case.crop_end, case.axis_order, fill)
+
+
+def paste_back(prediction: np.ndarray, raw_shape: Sequence[int], start: Sequence[int], end: Sequence[int],
+               order: Sequence[int] = AXIS_ORDER, fill: int | float = 0) -> np.ndarray:
+    """The geometry of :func:`to_raw_grid` for any crop box: paste, then undo the axis order."""
+    full = np.full(tuple(raw_shape[a] for a in order), fill, dtype=prediction.dtype)
+    full[_box(start, end)] = prediction
     return full.transpose(np.argsort(order))
+
+
+def read_image(path: str | os.PathLike[str], channel: int = 0) -> tuple[np.ndarray, Any]:
+    """A NIfTI image for inference: float32 in raw array order, one channel of a 4D file, finite; and the
+    nibabel image (affine, header). Every problem is a :class:`CaseError` naming the file."""
+    path = Path(path)
+    data, img = _read_nifti(path)
+    if data.ndim == 4:
+        if not 0 <= channel < data.shape[3]:
+            raise CaseError(f"{path}: channel {channel} is out of range (image has {data.shape[3]} channels)")
+        data = data[..., channel]
+    if data.ndim != 3:
+        raise CaseError(f"{path}: expected a 3D image, got shape {data.shape}")
+    if min(data.shape) < 1:
+        raise CaseError(f"{path}: empty image, shape {data.shape}")
+    return _to_float32(data, path), img
+
+
+def prepare_image(image: np.ndarray, normalised: bool = False) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
+    """A raw-order float32 image as the model sees it (steps 2-4 of the module docstring): (D, H, W) in [0, 1],
+    cropped to the foreground, with the crop's (start, end) to map predictions back."""
+    try:
+        normal = minmax(image.copy() if normalised else foreground_normalize(image))
+        volume = to_segvol_axes(normal)
+        start, end = foreground_box(volume)
+    except ValueError as err:
+        raise CaseError(str(err)) from None
+    return np.ascontiguousarray(volume[_box(start, end)]), start, end
 
 
 def from_raw_grid(array: np.ndarray, case: PrepCase) -> np.ndarray:

@@ -32,6 +32,8 @@ class AdaptedSegVol(nn.Module):
         self.base = base
         base.requires_grad_(False)
         self.moa = MixtureOfAdapters(base, self.adapters_cfg) if self.adapters_cfg.enabled else None
+        # where the frozen base came from (a checkpoint path, or the seed of a random init), for adapter files
+        self.base_origin: dict = {"weights": None, "seed": None}
         self.priors = (ContextPriors(self.priors_cfg, base.cfg.embed_dim, len(self.tasks), len(self.modalities))
                        if self.priors_cfg.enabled else None)
 
@@ -72,19 +74,32 @@ class AdaptedSegVol(nn.Module):
     def encode(self, image: torch.Tensor, experts: list[str], task_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Image embedding (B, C, *feat) through each row's expert and the prior fusion (image validated by the
         caller, ``forward_requests``)."""
-        b = image.shape[0]
+        return self.with_priors(self.image_tokens(image, experts), experts, task_ids)
+
+    def image_tokens(self, image: torch.Tensor, experts: list[str]) -> torch.Tensor:
+        """ViT tokens (B, N, C) through each row's expert: the task-independent part of ``encode``, which
+        inference reuses across the tasks and prompts of one window."""
         with self._route(experts, image.device):
-            tokens = self.base.image_encoder(image)
+            return self.base.image_encoder(image)
+
+    def with_priors(self, tokens: torch.Tensor, experts: list[str],
+                    task_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The prior fusion on ViT tokens, then the (B, C, *feat) embedding and the decoder's prior state."""
+        b, device = tokens.shape[0], tokens.device
         state: dict = {}
         adapt = self._prior_rows(experts)
         # Without gradients, rows the priors leave alone need no prior computation at all.
         if self.priors is not None and (torch.is_grad_enabled() or any(adapt)):
-            weight = torch.tensor(adapt, dtype=tokens.dtype, device=image.device)
-            modality_ids = torch.tensor([self.modalities.index(e) for e in experts], device=image.device)
+            weight = torch.tensor(adapt, dtype=tokens.dtype, device=device)
+            modality_ids = torch.tensor([self.modalities.index(e) for e in experts], device=device)
             tokens, task_tokens = self.priors.fuse(tokens, task_ids, modality_ids, weight)
             state = {"weight": weight, "task_tokens": task_tokens}
         emb = tokens.transpose(1, 2).reshape(b, -1, *self.base.cfg.feat_shape)
         return emb, state
+
+    def expert_context(self, expert: str) -> AbstractContextManager[None]:
+        """For no-grad forwards of rows that all use ``expert``: its LoRA merged into the weights (no LoRA cost)."""
+        return self.moa.inference(expert) if self.moa is not None else nullcontext()
 
     def decode(self, emb: torch.Tensor, state: dict, experts: list[str], requests: Requests) -> torch.Tensor:
         """Logits (K, B, 1, *roi) for K (combination, prompts) requests, all in one decoder batch."""
@@ -120,7 +135,7 @@ class AdaptedSegVol(nn.Module):
             rows = [i for i, e in enumerate(experts) if e == expert]
             index = torch.tensor(rows, device=image.device)
             sub = [(combo, _take(p, rows, index)) for combo, p in requests]
-            with self.moa.inference(expert):
+            with self.expert_context(expert):
                 emb, state = self.encode(image.index_select(0, index), [expert] * len(rows),
                                          task_ids.index_select(0, index))
                 logits = self.decode(emb, state, [expert] * len(rows), sub)

@@ -46,6 +46,7 @@ def save_adapters(model: AdaptedSegVol, directory: str | os.PathLike[str]) -> Pa
         "adapters": model.adapters_cfg.model_dump(mode="json"),
         "priors": model.priors_cfg.model_dump(mode="json"),
         "tasks": json.loads(model.tasks.to_json()),
+        "base": model.base_origin,
         "trainable": model.trainable_counts(),
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
     }
@@ -72,15 +73,29 @@ def build_from_adapters(directory: str | os.PathLike[str], base_weights: str | o
     from segevo.model.checkpoint import load_checkpoint
 
     meta = read_meta(directory)
+    origin = meta.get("base") or {}
     try:
-        base = SegVol(ModelConfig.model_validate(meta["model"]))
+        model_cfg = ModelConfig.model_validate(meta["model"])
+        if base_weights is None and origin.get("weights") is None and origin.get("seed") is not None:
+            with torch.random.fork_rng(devices=[]):  # the random base the adapters were trained on
+                torch.manual_seed(int(origin["seed"]))
+                base = SegVol(model_cfg)
+        else:
+            base = SegVol(model_cfg)
         adapters = AdaptersConfig.model_validate(meta["adapters"])
         priors = PriorsConfig.model_validate(meta["priors"])
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{Path(directory) / META}: invalid configuration: {err}") from None
+    if base_weights is None and origin.get("weights"):
+        base_weights = origin["weights"]
+        if not Path(base_weights).is_file():
+            raise CheckpointError(f"{Path(directory) / META}: trained on base weights {base_weights}, which are "
+                                  "not there: pass the base checkpoint explicitly")
     if base_weights is not None:
         load_checkpoint(base, base_weights, trust_pickle=trust_pickle)
     model = AdaptedSegVol(base, adapters, priors, TaskVocabulary(tuple(t) for t in meta["tasks"]))
+    model.base_origin = {"weights": str(base_weights) if base_weights else None,
+                         "seed": origin.get("seed") if base_weights is None else None}
     load_adapters(model, directory)
     return model.eval()
 

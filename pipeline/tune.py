@@ -83,14 +83,17 @@ def open_storage(tune) -> Any:
         engine = {"connect_args": {"timeout": 60}}  # several processes write: wait for the lock, do not fail
     elif backend in ("postgresql", "mysql"):
         engine = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+        if url.drivername == "postgresql":  # the driver we install, whatever SQLAlchemy's default for the scheme
+            url = url.set(drivername="postgresql+psycopg")
     else:
         raise ValueError(f"tune.storage {name}: unsupported database {backend!r} (use sqlite or postgresql)")
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=tune.retries,
                                                              inherit_intermediate_values=True)
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(tune.storage, engine_kwargs=engine, heartbeat_interval=tune.heartbeat_s,
-                                              grace_period=tune.grace_s, heartbeat_stale_trial_callback=retry)
+            return optuna.storages.RDBStorage(url.render_as_string(hide_password=False), engine_kwargs=engine,
+                                              heartbeat_interval=tune.heartbeat_s, grace_period=tune.grace_s,
+                                              heartbeat_stale_trial_callback=retry)
         except ImportError as err:
             raise ValueError(f"tune.storage {name}: no database driver ({err})") from None
         except sqlalchemy.exc.SQLAlchemyError as err:
@@ -158,22 +161,31 @@ def optimize(cfg, storage: Any, timeout: float | None) -> Any:
     deadline = None if timeout is None else time.monotonic() + timeout
     finished: list[Any] = []
     failures = 0
+    waiting = False
     while True:
-        optuna.storages.fail_stale_trials(study)  # a dead process's trial must not count as running
+        optuna.storages.fail_stale_trials(study)  # a dead process's trial is failed (and queued for a retry)
         states = [tr.state for tr in study.get_trials(deepcopy=False)]
         done = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
-        if done + states.count(TrialState.RUNNING) >= t.trials:
+        running = states.count(TrialState.RUNNING)
+        if done >= t.trials:
             break
         if deadline is not None and time.monotonic() > deadline:
             print(f"study {t.study}: --timeout reached, no new trial started")
             break
+        if done + running >= t.trials:
+            # Enough trials are running elsewhere; one may belong to a process that just died (it goes stale
+            # within grace_s), so wait and look again rather than leave a dead trial unfinished.
+            if not waiting:
+                print(f"study {t.study}: waiting for {running} running trial(s) of other processes", flush=True)
+                waiting = True
+            time.sleep(t.heartbeat_s)
+            continue
+        waiting = False
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[lambda _, tr: finished.append(tr)])
         failures = failures + 1 if finished[-1].state == TrialState.FAIL else 0
         if failures >= MAX_FAILURES_IN_A_ROW:
             raise RuntimeError(f"study {t.study}: {failures} trials in a row failed; the last: {objective.last_error}")
-    files = write_plots(study, out)
-    done = sum(tr.state in (TrialState.COMPLETE, TrialState.PRUNED) for tr in study.get_trials(deepcopy=False))
-    runs.finish_study(_best(study), files, done=done >= t.trials)
+    runs.finish_study(_best(study), write_plots(study, out), done=done >= t.trials)
     return study
 
 

@@ -196,9 +196,10 @@ def _markdown(summary: dict, figures: dict, overlays: list[str], priors: dict, c
         lines.append(f"| {r['modality']} | {r['prompt']} | {r['cases']} | {_ci(r)} | {_ci(r, 'nsd')} |")
     lines += ["", f"![prompts]({figures['prompts']})", ""]
     if summary["box_jitter"]:
-        lines += ["## Box perturbation (text+box)", "", "| ± voxels | Dice [95% CI] | NSD |", "|---|---|---|"]
+        lines += ["## Box perturbation (text+box)", "", "Each box coordinate moved by a uniform integer in "
+                  "[-j, j] voxels.", "", "| ± voxels | cases | Dice [95% CI] |", "|---|---|---|"]
         for j, r in sorted(summary["box_jitter"].items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| {j} | {_ci(r)} | {r['nsd']:.3f} |")
+            lines.append(f"| {j} | {r['cases']} | {_ci(r)} |")
         lines += ["", f"![jitter]({figures['jitter']})", ""]
     lines += _seed_section(summary)
     lines += ["## Per class", "", f"![per class]({figures['per_class']})", "",

@@ -184,20 +184,23 @@ class ZoomInference:
         expert = self.model.experts_of(modality, 1)[0]
         volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(self.device)
         tasks = [self._task_id(q.task) for q in queries]
+        # The expert's merged weights are swapped in only while computing, never across a yield: interleaved
+        # generators over one model must not see (or restore) each other's weights.
+        start = time.perf_counter()
         with self.model.expert_context(expert), self._autocast():
-            start = time.perf_counter()
             coarse = self._zoom_out(volume, expert, queries, tasks)
-            shared = (time.perf_counter() - start) / max(len(queries), 1)
-            cache: dict[tuple[int, ...], torch.Tensor] = {}
-            for query, task, low in zip(queries, tasks, coarse, strict=True):
-                begin = time.perf_counter()
+        shared = (time.perf_counter() - start) / max(len(queries), 1)
+        cache: dict[tuple[int, ...], torch.Tensor] = {}
+        for query, task, low in zip(queries, tasks, coarse, strict=True):
+            begin = time.perf_counter()
+            result = QueryResult(logits=np.empty(0, np.float32), roi=None, windows=0, seconds=0.0)
+            with self.model.expert_context(expert), self._autocast():
                 logits = F.interpolate(low[None, None], size=image.shape, mode="nearest-exact")[0, 0]
-                result = QueryResult(logits=np.empty(0, np.float32), roi=None, windows=0, seconds=0.0)
                 if self.options.zoom_in:
                     self._zoom_in(volume, logits, expert, query, task, cache, result)
-                result.logits = logits.float().cpu().numpy()
-                result.seconds = shared + time.perf_counter() - begin
-                yield result
+            result.logits = logits.float().cpu().numpy()
+            result.seconds = shared + time.perf_counter() - begin
+            yield result
 
     # ---- zoom-out -------------------------------------------------------------------------------------------
 

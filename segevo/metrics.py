@@ -57,12 +57,16 @@ def nsd(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], tolerance
     empty = _empty_score(p, t)
     if empty is not None:
         return empty
+    import warnings
+
     import torch
     from monai.metrics import compute_surface_dice
 
-    value = compute_surface_dice(torch.from_numpy(p)[None, None], torch.from_numpy(t)[None, None],
-                                 class_thresholds=[float(tolerance_mm)], include_background=True,
-                                 spacing=[float(s) for s in spacing])
+    with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal use of a deprecated argument
+        warnings.simplefilter("ignore", FutureWarning)
+        value = compute_surface_dice(torch.from_numpy(p)[None, None], torch.from_numpy(t)[None, None],
+                                     class_thresholds=[float(tolerance_mm)], include_background=True,
+                                     spacing=[float(s) for s in spacing])
     return float(value.item())
 
 

@@ -69,6 +69,7 @@ class MixtureOfAdapters:
             raise ValueError("adapters: no module matched the LoRA target names")
         self._masks: dict[str, torch.Tensor] | None = None
         self._merged: dict[tuple[str, str], tuple[tuple, torch.Tensor]] = {}
+        self._in_inference = False
         for layer in self.layers.values():
             present = [e for e in self.lora_experts if e in layer.lora_A]
             layer.set_adapter(present)  # every expert active (and trainable); the masks do the routing
@@ -82,20 +83,24 @@ class MixtureOfAdapters:
         tensors are swapped back untouched afterwards, so identity rows stay bit-exact."""
         if torch.is_grad_enabled():
             raise RuntimeError("MixtureOfAdapters.inference() is for no-grad forwards only")
+        if self._in_inference:  # a nested swap would merge twice and restore the wrong tensors
+            raise RuntimeError("MixtureOfAdapters.inference() is not re-entrant")
+        self._in_inference = True
         swapped = []
-        for name, layer in self.layers.items():
-            layer._disable_adapters = True
-            if expert in layer.lora_A:
-                weight = layer.get_base_layer().weight
-                swapped.append((weight, weight.data))
-                weight.data = self._merged_weight(expert, name, layer)
         try:
+            for name, layer in self.layers.items():
+                layer._disable_adapters = True
+                if expert in layer.lora_A:
+                    weight = layer.get_base_layer().weight
+                    swapped.append((weight, weight.data))
+                    weight.data = self._merged_weight(expert, name, layer)
             yield
         finally:
             for weight, original in swapped:
                 weight.data = original
             for layer in self.layers.values():
                 layer._disable_adapters = False
+            self._in_inference = False
 
     def _merged_weight(self, expert: str, name: str, layer: LoraLayer) -> torch.Tensor:
         """W + delta, cached; under autocast, already in the autocast dtype, so the layers skip the per-call

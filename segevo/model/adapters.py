@@ -30,9 +30,11 @@ class UnknownModality(ValueError):
 
 
 def expert_of(cfg: AdaptersConfig, modality: str) -> str:
-    """The expert a modality routes to: its own, else the configured fallback, else an error."""
-    if modality in cfg.experts:
-        return modality
+    """The expert a modality routes to: its own, else its base modality's (``MRI-T2`` -> ``MRI``), else the
+    configured fallback, else an error."""
+    for name in (modality, modality.split("-")[0]):
+        if name in cfg.experts:
+            return name
     if cfg.fallback is not None:
         return cfg.fallback
     raise UnknownModality(f"unknown modality {modality!r}: experts exist for {', '.join(cfg.experts)} "

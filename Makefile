@@ -44,6 +44,8 @@ bench: setup
 	python bench/preprocess.py
 	python bench/loader.py
 	python bench/model_step.py --size full --steps 5 --out bench/results/model_step_cpu_full.json
+	python bench/inference.py --size tiny --out bench/results/inference_cpu_tiny.json
+	python bench/inference.py --size full --repeats 2 --out bench/results/inference_cpu_full.json
 
 lint: setup
 	ruff check segevo pipeline tests bench

@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     split_name = args.split or e.split
     prep, cases = _cases(cfg, split_name, args.max_cases or e.max_cases)
     adapter = None if args.adapter == "none" else (args.adapter or cfg.train.output)
+    if adapter is None and not (args.weights or cfg.train.base_weights):
+        raise ValueError("--adapter none evaluates plain SegVol: give its weights (--weights or train.base_weights)")
     if adapter is not None and not Path(adapter).is_dir():
         raise FileNotFoundError(f"{adapter}: no adapter checkpoint (run 'segevo train', or pass --adapter none)")
     model = load_for_inference(cfg.model, adapter, args.weights or cfg.train.base_weights)

@@ -40,7 +40,7 @@ def workspace(tmp_path, monkeypatch):
 
 
 def test_evaluate_writes_metrics_tables_and_report(workspace):
-    assert main(["evaluate"]) == 0
+    assert main(["evaluate", "--run-id", "train-run"]) == 0
     metrics = json.loads((workspace / "metrics" / "eval.json").read_text())
     assert metrics["split"] == "test" and metrics["cases"] == 2
     assert set(metrics["prompt"]) == {"text", "box", "point", "text+box", "text+point", "box+point"}
@@ -61,6 +61,12 @@ def test_evaluate_writes_metrics_tables_and_report(workspace):
     for png in ("per_class.png", "prompts.png", "box_jitter.png", "priors_pca.png", "priors_similarity.png"):
         assert (report / png).stat().st_size > 1000
     assert len(list((report / "overlays").glob("*.png"))) == 1
+    import mlflow  # logged to the training run it names
+
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(experiment_names=["eval-test"], output_format="list")
+    assert run.info.run_name == "train-run" and "eval/dice" in run.data.metrics
+    assert "eval/report.md" in [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "eval")]
 
 
 def test_evaluate_is_deterministic(workspace):

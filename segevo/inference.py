@@ -2,7 +2,8 @@
 
 1. **Zoom-out**: the whole (cropped, (D, H, W), [0, 1]) volume is resized to the model ROI and segmented once;
    every query's prompts are mapped into that grid, and all queries share one encoder pass (the prior fusion
-   runs once per distinct task). The logits go back to the volume by nearest neighbour.
+   runs once per distinct task; queries are decoded a block at a time, which bounds the memory of volumes
+   with hundreds of queries). The logits go back to the volume by nearest neighbour.
 2. **ROI**: the bounding box of the coarse mask, grown to at least the window (the ROI size) around its centre,
    shifted inside the volume where the volume allows it (SegVol clips instead, which only loses context).
 3. **Zoom-in**: windows of the ROI size with ``overlap`` (MONAI's window grid, laid over the whole volume so
@@ -186,30 +187,36 @@ class ZoomInference:
         tasks = [self._task_id(q.task) for q in queries]
         # The expert's merged weights are swapped in only while computing, never across a yield: interleaved
         # generators over one model must not see (or restore) each other's weights.
-        start = time.perf_counter()
         with self.model.expert_context(expert), self._autocast():
-            coarse = self._zoom_out(volume, expert, queries, tasks)
-        shared = (time.perf_counter() - start) / max(len(queries), 1)
+            x = F.interpolate(volume[None, None], size=self.roi, mode="trilinear", align_corners=False)
+            tokens = self.model.image_tokens(x, [expert])
         cache: dict[tuple[int, ...], torch.Tensor] = {}
-        for query, task, low in zip(queries, tasks, coarse, strict=True):
-            begin = time.perf_counter()
-            result = QueryResult(logits=np.empty(0, np.float32), roi=None, windows=0, seconds=0.0)
+        block = 4 * self.options.window_batch  # coarse logits of a block of queries at a time bound the memory
+        for first in range(0, len(queries), block):
+            rows = list(range(first, min(first + block, len(queries))))
+            start = time.perf_counter()
             with self.model.expert_context(expert), self._autocast():
-                logits = F.interpolate(low[None, None], size=image.shape, mode="nearest-exact")[0, 0]
-                if self.options.zoom_in:
-                    self._zoom_in(volume, logits, expert, query, task, cache, result)
-            result.logits = logits.float().cpu().numpy()
-            result.seconds = shared + time.perf_counter() - begin
-            yield result
+                coarse = self._zoom_out(tokens, volume.shape, expert, [queries[i] for i in rows],
+                                        [tasks[i] for i in rows])
+            shared = (time.perf_counter() - start) / len(rows)
+            for i, low in zip(rows, coarse, strict=True):
+                begin = time.perf_counter()
+                result = QueryResult(logits=np.empty(0, np.float32), roi=None, windows=0, seconds=0.0)
+                with self.model.expert_context(expert), self._autocast():
+                    logits = F.interpolate(low[None, None], size=image.shape, mode="nearest-exact")[0, 0]
+                    if self.options.zoom_in:
+                        self._zoom_in(volume, logits, expert, queries[i], tasks[i], cache, result)
+                result.logits = logits.float().cpu().numpy()
+                result.seconds = shared + time.perf_counter() - begin
+                yield result
 
     # ---- zoom-out -------------------------------------------------------------------------------------------
 
-    def _zoom_out(self, volume: torch.Tensor, expert: str, queries: list[Query],
+    def _zoom_out(self, tokens: torch.Tensor, shape: Sequence[int], expert: str, queries: list[Query],
                   tasks: list[int]) -> list[torch.Tensor]:
-        """Global logits at the ROI size, one per query: one encoder pass, one decoder batch per task."""
-        x = F.interpolate(volume[None, None], size=self.roi, mode="trilinear", align_corners=False)
-        tokens = self.model.image_tokens(x, [expert])
-        scale = np.array(self.roi, dtype=np.float64) / np.array(volume.shape, dtype=np.float64)
+        """Global logits at the ROI size, one per query, from the resized volume's tokens: one decoder batch
+        per task (the prior fusion runs once per distinct task)."""
+        scale = np.array(self.roi, dtype=np.float64) / np.array(shape, dtype=np.float64)
         out: list[torch.Tensor | None] = [None] * len(queries)
         for task in dict.fromkeys(tasks):
             members = [i for i, t in enumerate(tasks) if t == task]

@@ -14,7 +14,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "preprocess": ("pipeline.preprocess", "SegVol-faithful model-ready arrays and the manifest"),
     "split": ("pipeline.split", "patient-level train/val/test split and balanced subsets"),
     "train": ("pipeline.train", "fine-tune with Ray Train + DeepSpeed, tracked in MLflow"),
-    "tune": ("pipeline.tune", "Optuna study over LoRA rank, prior pool size and more; each trial a Ray Train run"),
+    "tune": ("pipeline.tune", "Optuna studies: one Ray Train run per trial, in MLflow"),
     "evaluate": ("pipeline.evaluate", "Dice/NSD per class, modality and prompt type on the held-out split"),
     "predict": ("pipeline.predict", "segment a NIfTI volume with text, box or point prompts"),
     "model": ("pipeline.model", "inspect the configured model (parameters per part)"),

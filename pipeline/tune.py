@@ -36,25 +36,21 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
 
 
 def run(args: argparse.Namespace) -> int:
-    from segevo.config import SegevoConfig
+    from optuna.exceptions import ExperimentalWarning
 
-    cfg, _ = config_from_args(args)
+    from segevo.config import parse_config
+
+    cfg, source = config_from_args(args)
     overrides = {"study": args.study, "storage": args.storage, "trials": args.trials}
-    tune = cfg.tune.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    cfg = SegevoConfig.model_validate({**cfg.model_dump(), "tune": tune.model_dump()})
-    warnings.filterwarnings("ignore", category=_experimental_warning())  # heartbeats, matplotlib plots
+    tune = {**cfg.tune.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = parse_config({**cfg.model_dump(), "tune": tune}, f"{source} with the command line")
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats, matplotlib plots
     storage = open_storage(cfg.tune)
     study = _load_study(cfg.tune.study, storage) if args.report else optimize(cfg, storage, args.timeout)
     print_report(study, storage_name(cfg.tune.storage))
     if args.write_profile:
         write_profile(cfg, study, Path(args.write_profile))
     return 0
-
-
-def _experimental_warning() -> type[Warning]:
-    from optuna.exceptions import ExperimentalWarning
-
-    return ExperimentalWarning
 
 
 def storage_name(url: str) -> str:
@@ -89,7 +85,8 @@ def open_storage(tune) -> Any:
         raise ValueError(f"tune.storage {name}: unsupported database {backend!r} (use sqlite or postgresql)")
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=tune.retries,
                                                              inherit_intermediate_values=True)
-    for attempt in range(5):
+    attempts = 0
+    while True:
         try:
             return optuna.storages.RDBStorage(url.render_as_string(hide_password=False), engine_kwargs=engine,
                                               heartbeat_interval=tune.heartbeat_s, grace_period=tune.grace_s,
@@ -98,11 +95,11 @@ def open_storage(tune) -> Any:
             raise ValueError(f"tune.storage {name}: no database driver ({err})") from None
         except sqlalchemy.exc.SQLAlchemyError as err:
             reason = str(getattr(err, "orig", err) or err).strip().splitlines()[0]
+            attempts += 1
             # Two processes creating the schema at once collide; a dead server does not get better by waiting.
-            if attempt == 4 or "connect" in reason.lower() or "authentication" in reason.lower():
+            if attempts == 5 or "connect" in reason.lower() or "authentication" in reason.lower():
                 raise ValueError(f"tune.storage {name}: cannot open the study database: {reason}") from None
-            time.sleep(0.5 + attempt)
-    raise AssertionError("unreachable")
+            time.sleep(attempts)
 
 
 def _load_study(name: str, storage: Any) -> Any:

@@ -122,17 +122,23 @@ def test_bad_search_space_names_the_key(space, message):
         parse_config({"tune": {"space": space}}, "params.yaml")
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from pipeline.cli import main
+
+    def error(*args: str) -> str:
+        assert main(["--config", str(cfg), "tune", *args]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("segevo: error: ") and err.count("\n") == 1, err
+        return err
+
+    monkeypatch.chdir(tmp_path)
     cfg = workspace(tmp_path, space={"priors.poolsize": {"type": "categorical", "choices": [1, 2]}})
-    bad_key = tune(tmp_path, cfg, ok=False)
-    assert bad_key.returncode == 1 and bad_key.stderr.count("\n") == 1
-    assert "tune.space.priors.poolsize" in bad_key.stderr
+    assert "tune.space.priors.poolsize: 'priors.poolsize' is not a tunable config key" in error()
     cfg = workspace(tmp_path / "ok")
-    dead = tune(tmp_path, cfg, "--storage", "postgresql://tuner:secret@127.0.0.1:9/optuna", ok=False)
-    assert dead.returncode == 1 and dead.stderr.count("\n") == 1, dead.stderr
-    assert "tune.storage postgresql://tuner:***@127.0.0.1:9/optuna: cannot open" in dead.stderr
-    missing = tune(tmp_path, cfg, "--report", "--study", "nope", ok=False)
-    assert missing.returncode == 1 and "no study 'nope'" in missing.stderr
+    dead = error("--storage", "postgresql://tuner:secret@127.0.0.1:9/optuna")
+    assert "tune.storage postgresql://tuner:***@127.0.0.1:9/optuna: cannot open the study database" in dead
+    assert "no study 'nope'" in error("--report", "--study", "nope")
+    assert "tune.trials: Input should be greater than 0" in error("--trials", "0")
 
 
 # --- one study, four trials, then killed and resumed ---------------------------------------------------------------

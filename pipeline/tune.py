@@ -111,12 +111,12 @@ def _load_study(name: str, storage: Any) -> Any:
         raise ValueError(f"no study {name!r} in {storage_name(storage.url)} (run 'segevo tune' first)") from None
 
 
-def _sampler(tune, offset: int) -> Any:
-    """Re-supplied on every start; a seed moves on by the trials already run, so a resumed study does not replay
-    the first run's proposals."""
+def _sampler(tune, trial_number: int = 0) -> Any:
+    """Rebuilt from the config on every start. A seeded one is re-seeded per trial with ``seed + trial number``:
+    one process replays exactly, and processes sharing a study (or a resumed one) never repeat a proposal."""
     import optuna
 
-    seed = None if tune.seed is None else tune.seed + offset
+    seed = None if tune.seed is None else tune.seed + trial_number
     if tune.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
@@ -149,8 +149,7 @@ def optimize(cfg, storage: Any, timeout: float | None) -> Any:
     t = cfg.tune
     root, split = training_data(cfg)
     study = optuna.create_study(study_name=t.study, storage=storage, direction="maximize", load_if_exists=True,
-                                pruner=_pruner(cfg))
-    study.sampler = _sampler(t, len(study.get_trials(deepcopy=False)))
+                                sampler=_sampler(t), pruner=_pruner(cfg))
     tracking_uri = resolve_uri(cfg.tracking.tracking_uri, Path.cwd())
     runs = StudyRuns(tracking_uri, cfg.tracking.experiment, t.study)
     out = Path(t.output) / t.study
@@ -204,6 +203,8 @@ class Objective:
         from pipeline.train import export, storage_uri
         from segevo.config import with_values
 
+        if self.cfg.tune.seed is not None:
+            trial.study.sampler = _sampler(self.cfg.tune, trial.number)  # before the first suggestion samples
         values = {key: _suggest(trial, key, spec) for key, spec in self.space.items()}
         # A retried trial takes over the dead trial's run id, so Ray resumes its run from the last checkpoint.
         frozen = next(t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))

@@ -75,6 +75,8 @@ def main() -> None:
         row[mode] = {"seconds_per_volume": round(median, 3), "volumes_per_s": round(1 / median, 3),
                      "windows": windows, "times": [round(t, 3) for t in times]}
         print(f"{args.size} {mode}: {median:.3f} s per volume ({windows} windows)")
+    extra = row["zoom_out_zoom_in"]["seconds_per_volume"] - row["zoom_out"]["seconds_per_volume"]
+    row["zoom_in_seconds_per_window"] = round(extra / max(row["zoom_out_zoom_in"]["windows"], 1), 3)
     row["anchor"] = {"segvol_zoom_out_cpu_s": 4.6, "segvol_zoom_out_h200_fp32_volumes_per_s": 20.8,
                      "segvol_zoom_out_h200_bf16_b4_volumes_per_s": 60}
     write_result(args.out, row)

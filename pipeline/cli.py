@@ -15,7 +15,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "split": ("pipeline.split", "patient-level train/val/test split and balanced subsets"),
     "train": ("pipeline.train", "fine-tune with Ray Train + DeepSpeed, tracked in MLflow"),
     "tune": ("pipeline.tune", "Optuna studies: one Ray Train run per trial, in MLflow"),
-    "evaluate": ("pipeline.evaluate", "Dice/NSD per class, modality and prompt type on the held-out split"),
+    "evaluate": ("pipeline.evaluate", "Dice and NSD per class and prompt, held-out split"),
     "predict": ("pipeline.predict", "segment a NIfTI volume with text, box or point prompts"),
     "model": ("pipeline.model", "inspect the configured model (parameters per part)"),
     "weights": ("pipeline.weights", "check or download SegVol checkpoints"),

@@ -179,7 +179,7 @@ def _warn_unknown_names(model, names: list[str]) -> None:
     if model.priors is None:
         return
     for name in names:
-        if not any(c == name for _, c in model.tasks.pairs[1:]):
+        if model.tasks.id(None, name) == 0:
             close = model.tasks.closest(name)
             hint = f" (closest: {', '.join(close)})" if close else ""
             print(f"segevo: warning: {name!r} is not a trained task; null task prior used{hint}", file=sys.stderr)

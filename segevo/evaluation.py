@@ -86,8 +86,10 @@ def evaluate_case(zoom: ZoomInference, case: PrepCase, image: np.ndarray, label:
     queries = case_queries(case, label, cfg)
     rows, kept = [], {}
     results = zoom.run(image, case.modality, [q for _, q in queries])
+    structure, truth = None, None  # a class's queries come in a run: one mask at a time, built once
     for (sample, _), result in zip(queries, results, strict=True):
-        truth = label == case.classes.index(sample.structure) + 1
+        if sample.structure != structure:
+            structure, truth = sample.structure, label == case.classes.index(sample.structure) + 1
         pred = result.mask
         rows.append({
             "case": case.key, "source": case.source, "modality": base_modality(case.modality),

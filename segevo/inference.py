@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from segevo.config import AdaptersConfig, InferenceConfig, ModelConfig, PriorsConfig
+from segevo.data.prompts import bounding_box
 from segevo.model.adapted import AdaptedSegVol
-from segevo.model.segvol import Prompts, SegVol
+from segevo.model.segvol import Prompts
 
 
 class PromptError(ValueError):
@@ -105,14 +106,12 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | None = None, weigh
                        trust_pickle: bool = False) -> AdaptedSegVol:
     """The model ``predict`` and ``evaluate`` run: an adapter checkpoint on its base (``weights``, else the base it
     records), or plain SegVol from ``weights`` (no experts, no priors: every modality gets the base model)."""
+    from segevo import load_model
     from segevo.model.adapter_io import build_from_adapters
-    from segevo.model.checkpoint import load_checkpoint
 
     if adapter is not None:
         return build_from_adapters(adapter, weights, trust_pickle)
-    base = SegVol(model_cfg)
-    if weights is not None:
-        load_checkpoint(base, weights, trust_pickle=trust_pickle)
+    base = load_model(weights, model_cfg, trust_pickle=trust_pickle)
     return AdaptedSegVol(base, AdaptersConfig(enabled=False, fallback="CT"), PriorsConfig(enabled=False)).eval()
 
 
@@ -128,29 +127,18 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
 
 def grow_roi(mask: np.ndarray, window: Sequence[int]) -> tuple[tuple[int, int], ...] | None:
     """Bounding box (start, end exclusive) of ``mask`` grown to at least ``window`` per axis, kept in the volume."""
+    box = bounding_box(mask)
+    if box is None:
+        return None
     roi = []
-    for axis, (n, w) in enumerate(zip(mask.shape, window, strict=True)):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hit.size == 0:
-            return None
-        start, end = int(hit[0]), int(hit[-1]) + 1
+    for n, w, lo, hi in zip(mask.shape, window, box[:3], box[3:], strict=True):
+        start, end = int(lo), int(hi) + 1
         if end - start < w:
             start -= (w - (end - start)) // 2
             start = max(0, min(start, n - w))
             end = min(n, start + w)
         roi.append((start, end))
     return tuple(roi)
-
-
-def _bbox(mask: np.ndarray) -> np.ndarray | None:
-    lo, hi = [], []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if hit.size == 0:
-            return None
-        lo.append(hit[0])
-        hi.append(hit[-1])
-    return np.array(lo + hi, dtype=np.float64)
 
 
 class ZoomInference:
@@ -316,7 +304,7 @@ class ZoomInference:
             box = np.concatenate([lo, hi]) if np.all(lo <= hi) else None
         elif query.box is not None or query.points is not None:
             region = coarse[tuple(slice(int(a), int(a) + int(b)) for a, b in zip(o, w, strict=True))]
-            box = _bbox(region)
+            box = bounding_box(region)
         if query.points is not None:
             local = query.points - o
             inside = np.all((local >= 0) & (local <= w - 1), axis=1)

@@ -171,9 +171,8 @@ def read_image(path: str | os.PathLike[str], channel: int = 0) -> tuple[np.ndarr
 def prepare_image(image: np.ndarray, normalised: bool = False) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
     """A raw-order float32 image as the model sees it (steps 2-4 of the module docstring): (D, H, W) in [0, 1],
     cropped to the foreground, with the crop's (start, end) to map predictions back."""
+    volume = to_segvol_axes(normalise_intensity(image, normalised))
     try:
-        normal = minmax(image.copy() if normalised else foreground_normalize(image))
-        volume = to_segvol_axes(normal)
         start, end = foreground_box(volume)
     except ValueError as err:
         raise CaseError(str(err)) from None
@@ -353,11 +352,16 @@ def _read_m3d(case: Case) -> RawVolume:
 def segvol_intensity(vol: RawVolume) -> np.ndarray:
     """The image normalised SegVol's way in raw array order: foreground normalisation (unless stored so),
     then min-max to [0, 1]."""
+    return normalise_intensity(vol.image, vol.normalised)
+
+
+def normalise_intensity(image: np.ndarray, normalised: bool) -> np.ndarray:
+    """:func:`segvol_intensity` for a bare array; the input is never modified."""
     try:
-        image = vol.image if vol.normalised else foreground_normalize(vol.image)
+        out = image if normalised else foreground_normalize(image)
     except ValueError as err:
         raise CaseError(str(err)) from None
-    return minmax(image.copy() if image is vol.image else image)
+    return minmax(out.copy() if out is image else out)
 
 
 # --------------------------------------------------------------------------------------------------------------

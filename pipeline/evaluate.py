@@ -10,8 +10,6 @@ Everything is also logged to the training run in MLflow.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import config_from_args
+from pipeline.common import config_from_args, csv_bytes, prepared_data
 
 METRICS = Path("metrics")
 HEADLINE = ("text+point", "text", "point", "box", "text+box", "box+point")
@@ -37,14 +35,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
 
 
 def _cases(cfg, split_name: str, max_cases: int | None) -> tuple[Path, list]:
-    from segevo.data.manifest import read_manifest
-
-    root = Path(cfg.data.root)
-    cases, _ = read_manifest(root / "prep" / "manifest.json")
+    root, cases, split = prepared_data(cfg)
     split_path = root / "split.json"
-    if not split_path.is_file():
-        raise FileNotFoundError(f"{split_path}: no split (run 'segevo split' first)")
-    split = json.loads(split_path.read_text())
     keys = split.get(split_name, [])
     if not keys:
         raise ValueError(f"{split_path}: the {split_name!r} split is empty ({len(split.get('train', []))} training "
@@ -148,14 +140,6 @@ def summarise_all(rows: list[dict], cfg, split_name: str, adapter: str | None, s
     }
 
 
-def _csv(rows: list[dict], fields: list[str]) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue().encode()
-
-
 def write_outputs(rows: list[dict], summary: dict) -> None:
     from segevo.io import atomic_write_bytes, atomic_write_json
 
@@ -163,12 +147,12 @@ def write_outputs(rows: list[dict], summary: dict) -> None:
     per_class = summary["per_class"]
     class_fields = ["prompt", "modality", "source", "class", "cases", "samples", "dice", "dice_lo", "dice_hi",
                     "nsd", "nsd_lo", "nsd_hi"]
-    atomic_write_bytes(METRICS / "eval_per_class.csv", _csv(per_class, class_fields))
-    atomic_write_bytes(METRICS / "eval_cases.csv", _csv(rows, list(rows[0])))
+    atomic_write_bytes(METRICS / "eval_per_class.csv", csv_bytes(per_class, class_fields))
+    atomic_write_bytes(METRICS / "eval_cases.csv", csv_bytes(rows, list(rows[0])))
     head = summary["headline"]["prompt"]
     bars = [{"structure": f"{r['modality']} {r['class']} ({r['source']})", "dice": r["dice"]}
             for r in per_class if r["prompt"] == head]
-    atomic_write_bytes(METRICS / "eval_classes.csv", _csv(bars, ["structure", "dice"]))
+    atomic_write_bytes(METRICS / "eval_classes.csv", csv_bytes(bars, ["structure", "dice"]))
     metrics = {k: v for k, v in summary.items() if k != "per_class"}
     atomic_write_json(METRICS / "eval.json", metrics)
 

@@ -9,24 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.common import pyplot
 from pipeline.seed_results import SEED_OVERALL, seed_row
 
 MODALITY_COLOURS = {"CT": "tab:blue", "MRI": "tab:orange"}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def write_report(folder: Path, rows: list[dict], summary: dict, overlays: list[dict], model, cfg) -> Path:
@@ -49,7 +41,7 @@ def write_report(folder: Path, rows: list[dict], summary: dict, overlays: list[d
 
 
 def _per_class_plot(summary: dict, path: Path) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     head = summary["headline"]["prompt"]
     rows = [r for r in summary["per_class"] if r["prompt"] == head]
     rows.sort(key=lambda r: r["dice"])
@@ -66,7 +58,7 @@ def _per_class_plot(summary: dict, path: Path) -> str:
 
 
 def _prompt_plot(summary: dict, path: Path) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     modalities = sorted({k.split("/")[0] for k in summary["modality"]})
     prompts = list(summary["prompt"])
     fig, ax = plt.subplots(figsize=(7, 3))
@@ -84,7 +76,7 @@ def _prompt_plot(summary: dict, path: Path) -> str:
 def _jitter_plot(summary: dict, path: Path) -> str | None:
     if not summary["box_jitter"]:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     items = sorted(summary["box_jitter"].items(), key=lambda kv: int(kv[0]))
     x = [int(k) for k, _ in items]
     fig, ax = plt.subplots(figsize=(5, 3))
@@ -97,7 +89,7 @@ def _jitter_plot(summary: dict, path: Path) -> str | None:
 
 
 def _overlay(entry: dict, folder: Path) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     panels = entry["panels"]
     fig, axes = plt.subplots(len(panels), 3, figsize=(9, 3 * len(panels)), squeeze=False)
     for row, p in zip(axes, panels, strict=True):
@@ -134,7 +126,7 @@ def prior_vectors(model) -> tuple[list[str], np.ndarray]:
 
 def prior_analysis(model, folder: Path) -> dict:
     """PCA embedding and cosine-similarity heatmap of the prior tokens: do similar tasks' priors correlate?"""
-    plt = _pyplot()
+    plt = pyplot()
     labels, vectors = prior_vectors(model)
     if len(labels) < 2:
         return {}

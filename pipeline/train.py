@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import config_from_args
+from pipeline.common import config_from_args, csv_bytes, prepared_data, pyplot
 
 METRICS = Path("metrics")
 
@@ -46,16 +46,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def training_data(cfg) -> tuple[Path, dict]:
     """The data root and the split, checked before any Ray start-up is paid."""
-    import json
-
-    from segevo.data.manifest import read_manifest
-
-    root = Path(cfg.data.root)
-    read_manifest(root / "prep" / "manifest.json")  # fail here, before Ray starts, if it is missing
-    split_path = root / "split.json"
-    if not split_path.is_file():
-        raise FileNotFoundError(f"{split_path}: no split (run 'segevo split' first)")
-    return root, json.loads(split_path.read_text())
+    root, _, split = prepared_data(cfg)
+    return root, split
 
 
 def run(args: argparse.Namespace) -> int:
@@ -291,22 +283,13 @@ def export(cfg, result: Any, run_id: str, tracking_uri: str, timings: dict, metr
 
 def _curves(rows: list[dict], metrics_dir: Path) -> None:
     """``train_curve.csv`` (DVC plots) and a PNG of it (DVC's HTML needs a CDN offline)."""
-    import csv
     import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from segevo.io import atomic_write_bytes
 
-    fields = ["epoch", "loss", "val_dice", "lr", "samples_per_s"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(metrics_dir / "train_curve.csv", buffer.getvalue().encode())
+    plt = pyplot()
+    atomic_write_bytes(metrics_dir / "train_curve.csv",
+                       csv_bytes(rows, ["epoch", "loss", "val_dice", "lr", "samples_per_s"]))
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
     epochs = [r["epoch"] for r in rows]
     ax[0].plot(epochs, [r["loss"] for r in rows], marker="o")

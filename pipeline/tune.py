@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import config_from_args
+from pipeline.common import config_from_args, pyplot
 
 MAX_FAILURES_IN_A_ROW = 3  # a study whose trials keep failing is broken, not unlucky: stop instead of spinning
 
@@ -364,13 +364,10 @@ def write_profile(cfg, study: Any, path: Path) -> None:
 def write_plots(study: Any, out: Path) -> list[Path]:
     """Optimisation history, parameter importances, slice, contour (LoRA rank x pool size), per-epoch Dice: HTML
     (plotly, one shared plotly.min.js so it opens offline) and PNG (matplotlib), plus trials.csv."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna.visualization as plotly_vis
     import optuna.visualization.matplotlib as mpl_vis
 
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     keys = sorted({k for t in study.get_trials(deepcopy=False) for k in t.params})
     rank = next((k for k in keys if k.startswith("adapters.experts.") and k.endswith(".rank")), None)

@@ -176,6 +176,9 @@ class PriorsConfig(_Section):
     prototype: Literal["additive", "multiplicative"] = "additive"
     fuse_image: bool = True
     apply_to_identity: bool = False
+    # Training only: each row's task becomes the null task with this probability, so the null prior that
+    # `predict` falls back to (no --text, or a class outside the vocabulary) is trained for that use.
+    task_dropout: float = Field(0.1, ge=0, le=1)
     tasks: list[tuple[str, str]] = Field(default_factory=list)
 
     @model_validator(mode="after")

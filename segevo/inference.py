@@ -203,9 +203,13 @@ class ZoomInference:
     def _zoom_out(self, tokens: torch.Tensor, shape: Sequence[int], expert: str, queries: list[Query],
                   tasks: list[int]) -> list[torch.Tensor]:
         """Global logits at the ROI size, one per query, from the resized volume's tokens: one decoder batch
-        per task (the prior fusion runs once per distinct task)."""
+        per task (the prior fusion runs once per distinct task). Where the priors do not act (an identity expert),
+        the task changes nothing, so the queries are batched exactly as plain SegVol batches them: a row's bits
+        depend on its batch on some BLAS kernels, and identity rows must be SegVol's bit for bit."""
         scale = np.array(self.roi, dtype=np.float64) / np.array(shape, dtype=np.float64)
         out: list[torch.Tensor | None] = [None] * len(queries)
+        if not self.model.priors_apply(expert):
+            tasks = [0] * len(tasks)
         for task in dict.fromkeys(tasks):
             members = [i for i, t in enumerate(tasks) if t == task]
             emb, state = self.model.with_priors(tokens, [expert], torch.tensor([task], device=self.device))

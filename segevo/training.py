@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -19,16 +19,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from segevo.config import LoaderConfig, SegevoConfig
 from segevo.data.dataset import TrainDataset, collate
 from segevo.data.manifest import PrepCase
+from segevo.data.sampler import EpochSampler
 from segevo.losses import TrainBatch, combination_loss
 from segevo.model.adapted import AdaptedSegVol
 from segevo.model.checkpoint import load_checkpoint
 from segevo.model.priors import TaskVocabulary
 from segevo.model.segvol import Prompts, SegVol
+from segevo.optim import GroupedAdamW
 
 
 def autocast_dtype(cfg: SegevoConfig, device: torch.device) -> torch.dtype | None:
@@ -60,12 +62,17 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 def make_engine(model: AdaptedSegVol, cfg: SegevoConfig, total_steps: int) -> Any:
-    """A DeepSpeed engine over the trainable parameters (ZeRO stage, clipping and schedule from the config)."""
+    """A DeepSpeed engine over the trainable parameters (ZeRO stage, clipping and schedule from the config), one
+    optimizer group per LoRA expert and one for the priors, so that a step can leave idle groups untouched."""
     import deepspeed
 
     t = cfg.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    groups = model.parameter_groups()
+    grouped = {id(p) for params in groups.values() for p in params}
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
+    if stray:
+        raise RuntimeError(f"trainable parameters outside every optimizer group: {', '.join(stray[:5])}")
+    optimizer = GroupedAdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     warmup = max(1, int(t.warmup_fraction * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, total=total_steps, warmup=warmup, min_ratio=t.min_lr_ratio))
@@ -93,18 +100,29 @@ def make_loaders(cfg: SegevoConfig, root: Path, train_cases: list[PrepCase], val
                  tasks: TaskVocabulary, rank: int, world: int) -> Loaders:
     t = cfg.train
     ds = TrainDataset(root, train_cases, cfg.model.roi_size, cfg.loader, tasks)
-    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False, drop_last=True)
+    sampler = EpochSampler(len(ds), rank, world)
     loader = DataLoader(ds, batch_size=t.batch_size, sampler=sampler, num_workers=t.loader_workers,
                         collate_fn=collate, pin_memory=torch.cuda.is_available(),
                         persistent_workers=t.loader_workers > 0)
     steps = t.steps_per_epoch or max(1, len(ds) // (t.batch_size * world))
-    # Validation: fixed samples without augmentation; each rank scores its share.
+    return Loaders(loader, validation_samples(cfg, root, val_cases, tasks, rank, world), steps)
+
+
+def validation_samples(cfg: SegevoConfig, root: Path, val_cases: list[PrepCase], tasks: TaskVocabulary,
+                       rank: int = 0, world: int = 1) -> list[dict]:
+    """Rank ``rank``'s share of the fixed validation samples (no augmentation, the same every epoch)."""
     val_cfg: LoaderConfig = cfg.loader.model_copy(update={
         "flip_probability": 0.0, "intensity_probability": 0.0, "box_jitter": 0.0, "pseudo": False,
-        "samples_per_epoch": t.val_samples, "seed": cfg.loader.seed + 1})
+        "samples_per_epoch": cfg.train.val_samples, "seed": cfg.loader.seed + 1})
     val_ds = TrainDataset(root, val_cases, cfg.model.roi_size, val_cfg, tasks)
-    val = [val_ds[i] for i in range(rank, t.val_samples, world)]
-    return Loaders(loader, val, steps)
+    return [val_ds[i] for i in range(rank, cfg.train.val_samples, world)]
+
+
+def epoch_batches(loaders: Loaders, epoch: int) -> Iterator[TrainBatch]:
+    """The training batches of one epoch of this rank (the epoch travels with each index, into every loader
+    worker, so persistent workers draw fresh samples)."""
+    loaders.train.sampler.set_epoch(epoch)
+    return iter(loaders.train)
 
 
 @dataclass
@@ -122,22 +140,23 @@ def train_epoch(engine: Any, loaders: Loaders, cfg: SegevoConfig, epoch: int, de
                 dtype: torch.dtype | None, log: Callable[[int, dict[str, float]], None] | None = None) -> EpochStats:
     """One epoch. Losses stay on the device (no host sync per step) and are read once at the end."""
     model: AdaptedSegVol = engine.module
+    optimizer: GroupedAdamW = engine.client_optimizer
+    names = [g["name"] for g in optimizer.param_groups]
     engine.train()
-    loaders.train.dataset.set_epoch(epoch)
-    loaders.train.sampler.set_epoch(epoch)
     sums: dict[str, torch.Tensor] = {}
     total = torch.zeros((), device=device)
     n = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    batches = iter(loaders.train)
+    batches = epoch_batches(loaders, epoch)
     for step in range(loaders.steps_per_epoch):
         try:
             batch: TrainBatch = next(batches)
         except StopIteration:
             break
         batch = batch.to(device)
+        optimizer.set_idle(idle_groups(model, batch.modalities, names, device))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = combination_loss(model, batch, cfg.train.loss)
         engine.backward(out.total)
@@ -157,6 +176,16 @@ def train_epoch(engine: Any, loaders: Loaders, cfg: SegevoConfig, epoch: int, de
         samples_per_s=samples / seconds if seconds else 0.0, seconds=seconds,
         lr=engine.get_lr()[0], peak_memory_gib=round(peak, 3), steps=n,
     )
+
+
+def idle_groups(model: AdaptedSegVol, modalities: list[str], names: list[str], device: torch.device) -> set[str]:
+    """The optimizer groups no row of this step trains, on any rank (a group used on one rank is used by all:
+    its averaged gradient is real)."""
+    used = model.groups_used(modalities)
+    flags = torch.tensor([float(n in used) for n in names], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return {n for n, f in zip(names, flags.tolist(), strict=True) if not f}
 
 
 def _rss_gib() -> float:

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 from prep_helpers import ROI, write_case
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from segevo.config import LoaderConfig
 from segevo.data.dataset import TrainDataset, collate, sampling_weights
 from segevo.data.prompts import bounding_box, jitter_box, sample_points
+from segevo.data.sampler import EpochSampler
 
 
 @pytest.fixture()
@@ -58,11 +59,46 @@ def test_a_sample_is_the_same_whatever_the_workers(prep):
     assert any(not torch.equal(other_epoch[i]["image"], single[i]["image"]) for i in range(8))
 
 
-def test_distributed_ranks_see_disjoint_indices(prep):
+def test_ranks_see_disjoint_indices_with_their_epoch():
+    sampler = [EpochSampler(11, rank=r, world=2) for r in (0, 1)]
+    for s in sampler:
+        s.set_epoch(3)
+    seen = [list(s) for s in sampler]
+    assert len(seen[0]) == len(seen[1]) == 5 and {e for part in seen for e, _ in part} == {3}
+    indices = [i for part in seen for _, i in part]
+    assert sorted(indices) == list(range(10)), "disjoint, together all but the remainder"
+    with pytest.raises(ValueError, match="rank 2"):
+        EpochSampler(4, rank=2, world=2)
+
+
+def _epoch_samples(loaders, epoch: int) -> list[torch.Tensor]:
+    from segevo.training import epoch_batches
+
+    return [torch.cat([b.image.flatten(1), b.task_ids[:, None].float()], 1) for b in epoch_batches(loaders, epoch)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_loader_workers_draw_fresh_samples_every_epoch_and_the_same_as_in_process(prep, workers):
+    """Persistent loader workers keep their own dataset copy: the epoch must reach them with each index."""
+    from segevo.config import parse_config
+    from segevo.data.dataset import task_vocabulary
+    from segevo.training import make_loaders
+
     root, cases = prep
-    ds = TrainDataset(root, cases, ROI, LoaderConfig(samples_per_epoch=10))
-    seen = [list(DistributedSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=0)) for r in (0, 1)]
-    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == 5
+    tasks = task_vocabulary(cases)
+
+    def loaders(n: int):
+        cfg = parse_config({"loader": {"samples_per_epoch": 8, "seed": 5},
+                            "train": {"batch_size": 2, "loader_workers": n, "val_samples": 1}})
+        return make_loaders(cfg, root, cases, cases, tasks, rank=1, world=2)
+
+    pooled, serial = loaders(workers), loaders(0)
+    e0, e1, again = _epoch_samples(pooled, 0), _epoch_samples(pooled, 1), _epoch_samples(pooled, 0)
+    assert len(e0) == 2
+    assert any(not torch.equal(a, b) for a, b in zip(e0, e1, strict=True)), "epoch 1 replayed epoch 0"
+    for epoch, drawn in ((0, e0), (1, e1), (0, again)):
+        for a, b in zip(drawn, _epoch_samples(serial, epoch), strict=True):
+            assert torch.equal(a, b), f"epoch {epoch}: {workers} workers drew other samples than none"
 
 
 def test_collate_builds_a_train_batch_with_pseudo_only_when_all_have_it(prep):

@@ -117,15 +117,17 @@ def test_zoom_in_replaces_the_roi_only(model, volume):
     assert fine.windows >= 1 and not np.array_equal(fine.logits[inside], coarse.logits[inside])
 
 
-def test_ct_through_moa_equals_plain_segvol(model, volume):
-    """The identity expert with priors skipped: zoom-out-zoom-in on CT is the base model's."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ct_through_moa_equals_plain_segvol(model, volume, precision):
+    """The identity expert with priors skipped: zoom-out-zoom-in on CT is the base model's, bit for bit, with
+    queries of several tasks (batched as plain SegVol batches them) and in either precision."""
     from segevo.config import AdaptersConfig, PriorsConfig
     from segevo.model.adapted import AdaptedSegVol
     from segevo.model.segvol import SegVol
 
     torch.manual_seed(0)  # build_model's seed: the same base weights, without LoRA layers injected
     plain = AdaptedSegVol(SegVol(model.base.cfg), AdaptersConfig(enabled=False), PriorsConfig(enabled=False)).eval()
-    opts = InferenceConfig(precision="fp32")
+    opts = InferenceConfig(precision=precision)
     for a, b in zip(ZoomInference(model, opts).run(volume, "CT", _queries()),
                     ZoomInference(plain, opts).run(volume, "CT", _queries()), strict=True):
         np.testing.assert_array_equal(a.logits, b.logits)

@@ -1,9 +1,12 @@
 """Training samples from the prep cache: (crop, class target, prompts, modality, task) ready for the step.
 
 Everything random about sample ``i`` of epoch ``e`` comes from one generator seeded with (seed, e, i), so a
-sample is the same whatever the number of loader workers or ranks; ``DistributedSampler`` (or any sampler)
-only decides which indices a rank sees. Which (case, class) a sample shows is drawn from weights that can
-balance classes and modalities (rare organs and scarce MRI would otherwise be seen rarely).
+sample is the same whatever the number of loader workers or ranks. Indices may carry their epoch,
+``(epoch, i)`` (what ``EpochSampler`` yields), because persistent loader workers never see ``set_epoch``
+called on the main process's copy of the dataset; a plain ``i`` uses the dataset's own epoch.
+
+Which (case, class) a sample shows is drawn from weights that can balance classes and modalities (rare organs
+and scarce MRI would otherwise be seen rarely).
 
 Per sample, as SegVol does: either the whole volume resized to the ROI (precomputed by ``preprocess``) or an
 ROI-sized crop centred on the class (positive) or anywhere (negative); flips on each axis and intensity
@@ -76,9 +79,10 @@ class TrainDataset(Dataset):
             self._arrays[key] = np.load(self.cases[i].path(self.root, name), mmap_mode="r")
         return self._arrays[key]
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, self.epoch, index])
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        rng = np.random.default_rng([cfg.seed, epoch, index])
         case_idx, name = self.entries[rng.choice(len(self.entries), p=self.weights)]
         case = self.cases[case_idx]
         k = case.classes.index(name) + 1

@@ -36,6 +36,16 @@ class AdaptedSegVol(nn.Module):
         self.base_origin: dict = {"weights": None, "seed": None}
         self.priors = (ContextPriors(self.priors_cfg, base.cfg.embed_dim, len(self.tasks), len(self.modalities))
                        if self.priors_cfg.enabled else None)
+        self.register_load_state_dict_post_hook(_after_load)
+
+    def train(self, mode: bool = True) -> AdaptedSegVol:
+        """Also drops derived weights (merged experts): every train/eval switch starts from the live weights."""
+        self.invalidate_caches()
+        return super().train(mode)
+
+    def invalidate_caches(self) -> None:
+        if self.moa is not None:
+            self.moa.invalidate()
 
     # ---- routing --------------------------------------------------------------------------------------------
 
@@ -48,8 +58,12 @@ class AdaptedSegVol(nn.Module):
     def _is_identity(self, expert: str) -> bool:
         return self.moa is not None and self.adapters_cfg.experts[expert].kind == "identity"
 
+    def priors_apply(self, expert: str) -> bool:
+        """Whether the priors adapt rows of ``expert`` (never identity rows, unless ``priors.apply_to_identity``)."""
+        return self.priors is not None and (self.priors_cfg.apply_to_identity or not self._is_identity(expert))
+
     def _prior_rows(self, experts: list[str]) -> list[bool]:
-        return [self.priors_cfg.apply_to_identity or not self._is_identity(e) for e in experts]
+        return [self.priors_apply(e) for e in experts]
 
     def templates(self, experts: list[str]) -> list[str]:
         default = self.base.cfg.text.template
@@ -159,6 +173,24 @@ class AdaptedSegVol(nn.Module):
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The trainable parameters in the groups an optimizer steps together: one per LoRA expert, and the priors."""
+        groups: dict[str, list[nn.Parameter]] = {}
+        if self.moa is not None:
+            for name in self.moa.lora_experts:
+                groups[name] = list(self.moa.expert_parameters(name).values())
+        if self.priors is not None:
+            groups["priors"] = list(self.priors.parameters())
+        return groups
+
+    def groups_used(self, modality: Sequence[str]) -> set[str]:
+        """The parameter groups that rows of these modalities train (their LoRA experts; the priors when they act)."""
+        experts = self.experts_of(modality, len(modality))
+        used = {e for e in experts if self.moa is not None and e in self.moa.lora_experts}
+        if any(self.priors_apply(e) for e in experts):
+            used.add("priors")
+        return used
+
     def trainable_counts(self) -> dict[str, int]:
         counts = dict(self.moa.trainable_counts()) if self.moa is not None else {}
         counts["priors"] = self.priors.trainable_count() if self.priors is not None else 0
@@ -175,3 +207,7 @@ def _take(prompts: Prompts, rows: list[int], index: torch.Tensor) -> Prompts:
         prompts.boxes.index_select(0, index) if prompts.boxes is not None else None,
         tuple(t.index_select(0, index) for t in prompts.points) if prompts.points is not None else None,
     )
+
+
+def _after_load(module: AdaptedSegVol, _incompatible: object) -> None:
+    module.invalidate_caches()

@@ -70,7 +70,7 @@ class MixtureOfAdapters:
         if self.lora_experts and not self.layers:
             raise ValueError("adapters: no module matched the LoRA target names")
         self._masks: dict[str, torch.Tensor] | None = None
-        self._merged: dict[tuple[str, str], tuple[tuple, torch.Tensor]] = {}
+        self._merged: dict[tuple[str, str], tuple[tuple, tuple[torch.Tensor, ...], torch.Tensor]] = {}
         self._in_inference = False
         for layer in self.layers.values():
             present = [e for e in self.lora_experts if e in layer.lora_A]
@@ -81,8 +81,8 @@ class MixtureOfAdapters:
     @contextmanager
     def inference(self, expert: str) -> Iterator[None]:
         """No-grad fast path for rows of one expert: LoRA switched off and, for a LoRA expert, its update merged
-        into the base weights. The merged weights are cached (and rebuilt when the adapter changes); the base
-        tensors are swapped back untouched afterwards, so identity rows stay bit-exact."""
+        into the base weights. The merged weights are cached (and rebuilt whenever the adapter's values change);
+        the base tensors are swapped back untouched afterwards, so identity rows stay bit-exact."""
         if torch.is_grad_enabled():
             raise RuntimeError("MixtureOfAdapters.inference() is for no-grad forwards only")
         if self._in_inference:  # a nested swap would merge twice and restore the wrong tensors
@@ -104,21 +104,31 @@ class MixtureOfAdapters:
                 layer._disable_adapters = False
             self._in_inference = False
 
+    def invalidate(self) -> None:
+        """Drop every merged weight. ``AdaptedSegVol`` calls it on each train/eval switch and state load."""
+        self._merged.clear()
+
     def _merged_weight(self, expert: str, name: str, layer: LoraLayer) -> torch.Tensor:
         """W + delta, cached; under autocast, already in the autocast dtype, so the layers skip the per-call
-        weight cast (the frozen base is cast on every call: with rows split into groups, that adds up)."""
+        weight cast (the frozen base is cast on every call: with rows split into groups, that adds up).
+
+        A cached entry is reused only while the LoRA factors hold the very values it was merged from: they are
+        compared with a snapshot taken at merge time (a few MB at full size, a millisecond to compare). Version
+        counters and data pointers cannot tell: DeepSpeed ZeRO writes optimizer updates through ``.data`` into
+        its flat buffers, which changes neither."""
         base = layer.get_base_layer().weight
         device = base.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else base.dtype
-        params = [layer.lora_A[expert].weight, layer.lora_B[expert].weight]
-        version = (dtype, base.data_ptr(), base._version, *(p._version for p in params),
-                   *(p.data_ptr() for p in params))
+        factors = (layer.lora_A[expert].weight, layer.lora_B[expert].weight)
+        key = (dtype, base.device, base.data_ptr(), base._version)
         cached = self._merged.get((expert, name))
-        if cached is None or cached[0] != version:
-            merged = base.data + layer.get_delta_weight(expert).to(base.dtype)
-            cached = (version, merged.to(dtype))
-            self._merged[(expert, name)] = cached
-        return cached[1]
+        if cached is not None and cached[0] == key and all(
+                torch.equal(p.detach(), s) for p, s in zip(factors, cached[1], strict=True)):
+            return cached[2]
+        snapshot = tuple(p.detach().clone() for p in factors)
+        merged = (base.data + layer.get_delta_weight(expert).to(base.dtype)).to(dtype)
+        self._merged[(expert, name)] = (key, snapshot, merged)
+        return merged
 
     def expert_of(self, modality: str) -> str:
         return expert_of(self.cfg, modality)

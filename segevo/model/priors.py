@@ -146,7 +146,11 @@ class ContextPriors(nn.Module):
         ``row_weight`` (B,) is 1 for rows the priors adapt and 0 for rows that must stay the base model's bit
         for bit. Every row is computed either way, so every prior parameter receives a gradient on every
         rank (DeepSpeed's gradient buckets must match across ranks, whatever rows a rank happens to hold).
+        In training, ``task_dropout`` replaces a row's task with the null task (id 0) at random.
         """
+        if self.training and self.cfg.task_dropout > 0:
+            drop = torch.rand(task_ids.shape, device=task_ids.device) < self.cfg.task_dropout
+            task_ids = task_ids.masked_fill(drop, 0)
         src = self.source_embedding
         priors = torch.cat([self.task_pool[task_ids] + src[TASK], self.modality_pool[modality_ids] + src[MODALITY]],
                            dim=1)

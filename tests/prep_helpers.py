@@ -46,8 +46,9 @@ def write_case(root: Path, name: str, modality: str, shape, classes, pseudo: boo
 
 
 
-def write_prep(root: Path, roi: tuple[int, int, int] = ROI) -> list[PrepCase]:
-    """Three cases (two CT patients, one MRI) + manifest + a split that trains on all and validates on one."""
+def write_prep(root: Path, roi: tuple[int, int, int] = ROI, val: tuple[int, ...] = (1,)) -> list[PrepCase]:
+    """Three cases (two CT patients, one MRI) + manifest + a split that trains on all and validates on the cases
+    ``val`` (indices; the default is the second CT case)."""
     prep = root / "prep"
     cases = [
         write_case(prep, "demo_ct1", "CT", (12, 40, 44), ["liver", "spleen"], pseudo=True, seed=0, roi=roi),
@@ -56,6 +57,6 @@ def write_prep(root: Path, roi: tuple[int, int, int] = ROI) -> list[PrepCase]:
     ]
     write_manifest(prep / "manifest.json", cases, {"synthetic": True})
     keys = [c.key for c in cases]
-    split = {"seed": 0, "train": keys, "val": [keys[1]], "test": [], "subsets": {"2": keys[:2]}}
+    split = {"seed": 0, "train": keys, "val": [keys[i] for i in val], "test": [], "subsets": {"2": keys[:2]}}
     (root / "split.json").write_text(json.dumps(split))
     return cases

@@ -102,6 +102,41 @@ def test_mlflow_run_holds_params_and_metrics(faulty_run):
     assert {"adapter", "train_curve.png"} <= artifacts
 
 
+@pytest.fixture(scope="module")
+def signals_run(tmp_path_factory):
+    """The defaults that matter for the training signals: ZeRO-2, two ranks, two persistent loader processes
+    each; an MRI case in validation and a learning rate at which its thresholded Dice moves within 3 epochs."""
+    tmp = tmp_path_factory.mktemp("signals")
+    write_prep(tmp / "data", val=(2, 1))
+    cfg = config(tmp, lr=5e-2, loader_workers=2, val_samples=4, keep_checkpoints=3, zero_stage=2)
+    train(tmp, cfg, "--run-id", "signals")
+    return tmp, cfg
+
+
+def recompute(tmp: Path, cfg: Path, adapters: list[str]) -> dict[str, float]:
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "recompute_val.py"), str(cfg), *adapters],
+                         capture_output=True, text=True, timeout=300, cwd=tmp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_reported_val_dice_is_the_adapters_recomputed_in_a_fresh_process(signals_run):
+    """Every epoch's reported val_dice is what that epoch's adapter scores on the same validation samples in a
+    fresh process (a stale merged expert in the training process would score epoch 0's weights)."""
+    tmp, cfg = signals_run
+    reported = {}
+    for progress in (tmp / "runs" / "signals").glob("checkpoint_*/progress.json"):
+        last = json.loads(progress.read_text())["history"][-1]
+        reported[str(progress.parent / "adapters")] = (last["epoch"], last["val_dice"])
+    assert sorted(epoch for epoch, _ in reported.values()) == [0, 1, 2]
+    recomputed = recompute(tmp, cfg, [*reported, str(tmp / "adapter")])
+    for adapter, (epoch, dice) in reported.items():
+        assert abs(recomputed[adapter] - dice) < 1e-4, f"epoch {epoch}: reported {dice}, recomputed {recomputed}"
+    summary = json.loads((tmp / "metrics" / "train.json").read_text())
+    assert abs(recomputed[str(tmp / "adapter")] - summary["best_val_dice"]) < 1e-4
+    assert len({round(dice, 6) for _, dice in reported.values()}) > 1, "val_dice never changed across epochs"
+
+
 def test_relaunch_with_the_same_run_id_resumes(faulty_run):
     tmp, cfg, _, _ = faulty_run
     out = train(tmp, cfg, "--run-id", "e2e", "--epochs", "4")

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.common import config_from_args, csv_bytes, prepared_data
+from pipeline.flags import device, int_at_least, run_name
+from segevo.errors import UserError
 
 METRICS = Path("metrics")
 HEADLINE = ("text+point", "text", "point", "box", "text+box", "box+point")
@@ -28,9 +30,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("--adapter", help="adapter checkpoint folder (default: train.output); 'none' for plain SegVol")
     p.add_argument("--weights", help="base SegVol checkpoint (default: train.base_weights, else the adapter's)")
     p.add_argument("--split", choices=("test", "val", "train"), help="default: evaluate.split")
-    p.add_argument("--max-cases", type=int, help="evaluate at most this many cases")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--run-id", help="MLflow run to log to (default: the training run in metrics/train.json)")
+    p.add_argument("--max-cases", type=int_at_least(1), help="evaluate at most this many cases")
+    p.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--run-id", type=run_name,
+                   help="MLflow run to log to (default: the training run in metrics/train.json)")
     p.set_defaults(run=run)
 
 
@@ -39,12 +42,12 @@ def _cases(cfg, split_name: str, max_cases: int | None) -> tuple[Path, list]:
     split_path = root / "split.json"
     keys = split.get(split_name, [])
     if not keys:
-        raise ValueError(f"{split_path}: the {split_name!r} split is empty ({len(split.get('train', []))} training "
+        raise UserError(f"{split_path}: the {split_name!r} split is empty ({len(split.get('train', []))} training "
                          "cases): set evaluate.split or raise split.test_fraction")
     by_key = {c.key: c for c in cases}
     missing = [k for k in keys if k not in by_key]
     if missing:
-        raise ValueError(f"{split_path}: case {missing[0]} is not in the manifest (rerun 'segevo split')")
+        raise UserError(f"{split_path}: case {missing[0]} is not in the manifest (rerun 'segevo split')")
     chosen = [by_key[k] for k in keys]
     return root / "prep", chosen[:max_cases] if max_cases else chosen
 
@@ -62,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
     prep, cases = _cases(cfg, split_name, args.max_cases or e.max_cases)
     adapter = None if args.adapter == "none" else (args.adapter or cfg.train.output)
     if adapter is None and not (args.weights or cfg.train.base_weights):
-        raise ValueError("--adapter none evaluates plain SegVol: give its weights (--weights or train.base_weights)")
+        raise UserError("--adapter none evaluates plain SegVol: give its weights (--weights or train.base_weights)")
     if adapter is not None and not Path(adapter).is_dir():
-        raise FileNotFoundError(f"{adapter}: no adapter checkpoint (run 'segevo train', or pass --adapter none)")
+        raise UserError(f"{adapter}: no adapter checkpoint (run 'segevo train', or pass --adapter none)")
     model = load_for_inference(cfg.model, adapter, args.weights or cfg.train.base_weights)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     zoom = ZoomInference(model.to(device), cfg.inference, device)
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         if kept:
             overlays.append(_overlay_case(case, image, label, kept))
     if not rows:
-        raise ValueError(f"no (case, class) to evaluate in the {split_name!r} split: check evaluate.classes")
+        raise UserError(f"no (case, class) to evaluate in the {split_name!r} split: check evaluate.classes")
     seconds = time.perf_counter() - start
     summary = summarise_all(rows, cfg, split_name, adapter, seconds, device)
     write_outputs(rows, summary)

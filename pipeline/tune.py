@@ -19,17 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common import config_from_args, pyplot
+from pipeline.flags import int_at_least, positive_seconds, run_name
+from segevo.errors import UserError
 
 MAX_FAILURES_IN_A_ROW = 3  # a study whose trials keep failing is broken, not unlucky: stop instead of spinning
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, help="finished trials the study should hold, counting every process's "
-                                              "(default: tune.trials)")
-    p.add_argument("--study", help="study name (default: tune.study)")
+    p.add_argument("--trials", type=int_at_least(1),
+                   help="finished trials the study should hold, counting every process's (default: tune.trials)")
+    p.add_argument("--study", type=run_name, help="study name (default: tune.study)")
     p.add_argument("--storage", help="RDB URL: sqlite:///optuna.db, postgresql://user@host/db (default: tune.storage)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this long")
+    p.add_argument("--timeout", type=positive_seconds, metavar="SECONDS", help="start no new trial after this long")
     p.add_argument("--report", action="store_true", help="print the best trial and every trial; run nothing")
     p.add_argument("--write-profile", metavar="YAML", help="write the best trial's configuration as a profile")
     p.set_defaults(run=run)
@@ -69,7 +71,7 @@ def open_storage(tune) -> Any:
     try:
         url = make_url(tune.storage)
     except sqlalchemy.exc.ArgumentError:
-        raise ValueError(f"tune.storage {tune.storage!r} is not a database URL (sqlite:///optuna.db, "
+        raise UserError(f"tune.storage {tune.storage!r} is not a database URL (sqlite:///optuna.db, "
                          "postgresql://user:password@host:5432/db)") from None
     name = storage_name(tune.storage)
     backend = url.get_backend_name()
@@ -82,7 +84,7 @@ def open_storage(tune) -> Any:
         if url.drivername == "postgresql":  # the driver we install, whatever SQLAlchemy's default for the scheme
             url = url.set(drivername="postgresql+psycopg")
     else:
-        raise ValueError(f"tune.storage {name}: unsupported database {backend!r} (use sqlite or postgresql)")
+        raise UserError(f"tune.storage {name}: unsupported database {backend!r} (use sqlite or postgresql)")
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=tune.retries,
                                                              inherit_intermediate_values=True)
     attempts = 0
@@ -92,13 +94,13 @@ def open_storage(tune) -> Any:
                                               heartbeat_interval=tune.heartbeat_s, grace_period=tune.grace_s,
                                               heartbeat_stale_trial_callback=retry)
         except ImportError as err:
-            raise ValueError(f"tune.storage {name}: no database driver ({err})") from None
+            raise UserError(f"tune.storage {name}: no database driver ({err})") from None
         except sqlalchemy.exc.SQLAlchemyError as err:
             reason = str(getattr(err, "orig", err) or err).strip().splitlines()[0]
             attempts += 1
             # Two processes creating the schema at once collide; a dead server does not get better by waiting.
             if attempts == 5 or "connect" in reason.lower() or "authentication" in reason.lower():
-                raise ValueError(f"tune.storage {name}: cannot open the study database: {reason}") from None
+                raise UserError(f"tune.storage {name}: cannot open the study database: {reason}") from None
             time.sleep(attempts)
 
 
@@ -108,7 +110,7 @@ def _load_study(name: str, storage: Any) -> Any:
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        raise ValueError(f"no study {name!r} in {storage_name(storage.url)} (run 'segevo tune' first)") from None
+        raise UserError(f"no study {name!r} in {storage_name(storage.url)} (run 'segevo tune' first)") from None
 
 
 def _sampler(tune, trial_number: int = 0) -> Any:
@@ -350,7 +352,7 @@ def write_profile(cfg, study: Any, path: Path) -> None:
 
     best = _best(study)
     if best is None:
-        raise ValueError(f"study {study.study_name} has no complete trial yet: no profile written")
+        raise UserError(f"study {study.study_name} has no complete trial yet: no profile written")
     profile = with_values(cfg, best["params"])
     header = (f"# Written by segevo tune: study {study.study_name}, trial {best['trial']} ({best['run_id']}), "
               f"val_dice {best['value']:.4f}.\n# Tuned: "

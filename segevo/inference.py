@@ -33,11 +33,12 @@ import torch.nn.functional as F
 
 from segevo.config import AdaptersConfig, InferenceConfig, ModelConfig, PriorsConfig
 from segevo.data.prompts import bounding_box
+from segevo.errors import UserError
 from segevo.model.adapted import AdaptedSegVol
 from segevo.model.segvol import Prompts
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A prompt that cannot apply to the volume (outside it, malformed, or missing)."""
 
 

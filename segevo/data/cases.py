@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from segevo.data.vocabulary import check_labels
+from segevo.errors import UserError
 from segevo.io import atomic_write_json
 
 TABLE_VERSION = 1
@@ -33,7 +34,7 @@ _MODALITY = re.compile(r"^(CT|MRI)(-[A-Za-z0-9]+)*$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class CaseError(ValueError):
+class CaseError(UserError):
     """A raw case is unusable: unreadable, mis-shaped, or labelled outside its source's class map."""
 
 
@@ -130,7 +131,7 @@ def read_case_table(path: str | Path) -> CaseTable:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: case table not found; run 'segevo download' first") from None
+        raise CaseError(f"{path}: case table not found; run 'segevo download' first") from None
     except json.JSONDecodeError as err:
         raise CaseError(f"{path}: not valid JSON ({err})") from None
     if data.get("version") != TABLE_VERSION:

@@ -27,18 +27,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segevo.io import atomic_write_json
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from segevo.errors import UserError
+from segevo.io import atomic_write_json, read_json
 
 MANIFEST_VERSION = 1
 AXIS_ORDER = (2, 1, 0)
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """The manifest is missing, malformed, or points at missing arrays."""
 
 
 @dataclass(frozen=True)
 class PrepCase:
+    __pydantic_config__ = ConfigDict(extra="forbid")  # the manifest reader validates rows against these fields
+
     source: str
     case_id: str
     patient_id: str
@@ -87,15 +92,27 @@ def write_manifest(path: str | Path, cases: list[PrepCase], meta: dict[str, Any]
 
 
 def read_manifest(path: str | Path) -> tuple[list[PrepCase], dict[str, Any]]:
+    """The manifest's cases and meta. Every row is checked against :class:`PrepCase` strictly (types, lengths,
+    no unknown keys), so a hand-edited or foreign file fails here, naming the file, row and field."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ManifestError(f"{path}: no manifest (run 'segevo preprocess' first)")
+    data = read_json(path, "manifest", ManifestError)
+    if data.get("version") != MANIFEST_VERSION:
+        raise ManifestError(f"{path}: manifest version {data.get('version')!r}, expected {MANIFEST_VERSION}")
+    meta = data.get("meta", {})
+    if not isinstance(data.get("cases"), list) or not isinstance(meta, dict):
+        raise ManifestError(f"{path}: malformed manifest: expected 'cases' (a list) and 'meta' (an object)")
     try:
-        data = json.loads(path.read_text())
-        if data.get("version") != MANIFEST_VERSION:
-            raise ManifestError(f"{path}: manifest version {data.get('version')}, expected {MANIFEST_VERSION}")
-        cases = [PrepCase(**{k: _tupled(v) if k != "voxels" else v for k, v in row.items()})
-                 for row in data["cases"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ManifestError(f"{path}: malformed manifest: {err}") from None
-    return cases, data.get("meta", {})
+        cases = _ROWS.validate_json(json.dumps(data["cases"]), strict=True)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ManifestError(f"{path}: malformed manifest: cases.{where}: {first['msg']}") from None
+    bad = next((c for c in cases if min(c.shape) < 1 or min(c.raw_shape) < 1), None)
+    if bad is not None:
+        raise ManifestError(f"{path}: malformed manifest: {bad.key}: empty shape {bad.shape} or {bad.raw_shape}")
+    return cases, meta
+
+
+_ROWS = TypeAdapter(list[PrepCase])

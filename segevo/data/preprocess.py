@@ -70,7 +70,7 @@ def foreground_normalize(image: np.ndarray) -> np.ndarray:
     flat = image.ravel()
     foreground = flat[flat > np.mean(flat)]
     if foreground.size == 0:
-        raise ValueError("image is constant (no voxel above the mean)")
+        raise CaseError("image is constant (no voxel above the mean)")
     lower, upper = np.percentile(foreground, [0.05, 99.95])
     mean, std = np.mean(foreground), np.std(foreground)
     del foreground
@@ -740,7 +740,7 @@ def read_pseudo_index(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no pseudo-mask index; run 'segevo pseudomask' first") from None
+        raise CaseError(f"{path}: no pseudo-mask index; run 'segevo pseudomask' first") from None
     except json.JSONDecodeError as err:
         raise CaseError(f"{path}: not valid JSON ({err})") from None
 

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from segevo.errors import UserError
+from segevo.io import read_json
 
 SPLITS = ("train", "val", "test")
 
@@ -63,3 +68,33 @@ def round_robin_subset(keys: Sequence[str], n: int, seed: int) -> list[str]:
             if queue and len(chosen) < n:
                 chosen.append(queue.pop(0))
     return sorted(chosen)
+
+
+class SplitError(UserError):
+    """``split.json`` is missing or not what ``segevo split`` writes."""
+
+
+def read_split(path: str | Path, known: Iterable[str] | None = None) -> dict[str, Any]:
+    """``split.json`` checked: ``train``/``val``/``test`` lists of case keys (each key in one split only and, when
+    ``known`` is given, in the manifest) and ``subsets`` mapping a size to keys of ``train``."""
+    path = Path(path)
+    if not path.exists():
+        raise SplitError(f"{path}: no split (run 'segevo split' first)")
+    data = read_json(path, "split", SplitError)
+    seen: dict[str, str] = {}
+    for name in SPLITS:
+        keys = data.get(name)
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise SplitError(f"{path}: '{name}' must be a list of case keys (rerun 'segevo split')")
+        for key in keys:
+            if key in seen:
+                raise SplitError(f"{path}: case {key} is in both '{seen[key]}' and '{name}'")
+            seen[key] = name
+    subsets = data.setdefault("subsets", {})
+    if not isinstance(subsets, dict) or not all(
+            isinstance(v, list) and all(seen.get(k) == "train" for k in v) for v in subsets.values()):
+        raise SplitError(f"{path}: 'subsets' must map sizes to lists of training case keys")
+    unknown = sorted(set(seen) - set(known)) if known is not None else []
+    if unknown:
+        raise SplitError(f"{path}: case {unknown[0]} is not in the manifest (rerun 'segevo split')")
+    return data

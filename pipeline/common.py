@@ -32,12 +32,12 @@ def config_file(args: argparse.Namespace) -> str | None:
 
 
 def preflight(args: argparse.Namespace, outputs: Iterable[Named] = (), inputs: Iterable[Named] = (),
-              folders: Iterable[Named] = ()) -> None:
+              folders: Iterable[Named] = (), replaced: Iterable[Named] = ()) -> None:
     """The output pre-flight of every verb (:func:`segevo.guard.preflight`), with the config file always among
     the inputs: run before any work, so a bad output costs nothing and overwrites nothing."""
     from segevo.guard import preflight as check
 
-    check(outputs, [("--config", config_file(args)), *inputs], folders)
+    check(outputs, [("--config", config_file(args)), *inputs], folders, replaced)
 
 
 def torch_device(name: str | None) -> Any:
@@ -63,12 +63,17 @@ def print_part_table(counts: dict[str, int]) -> None:
 def prepared_data(cfg: SegevoConfig) -> tuple[Path, list, dict]:
     """The data root, the manifest's cases and the split: what training and evaluation start from, checked
     before any model or Ray start-up is paid."""
-    from segevo.data.manifest import read_manifest
+    from segevo.data.manifest import check_prep_arrays, read_manifest
     from segevo.data.split import read_split
 
     root = Path(cfg.data.root)
     cases, _ = read_manifest(root / "prep" / "manifest.json")
-    return root, cases, read_split(root / "split.json", known=[c.key for c in cases])
+    split = read_split(root / "split.json", known=[c.key for c in cases])
+    subset = cfg.train.subset
+    if subset is not None and subset not in split["subsets"]:
+        raise UserError(f"train.subset {subset!r}: {root / 'split.json'} has subsets {sorted(split['subsets'])}")
+    check_prep_arrays(cases, root / "prep")
+    return root, cases, split
 
 
 def csv_bytes(rows: list[dict[str, Any]], fields: list[str]) -> bytes:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import config_from_args, csv_bytes, prepared_data
+from pipeline.common import config_from_args, csv_bytes, preflight, prepared_data, torch_device
 from pipeline.flags import device, int_at_least, run_name
 from segevo.errors import UserError
 
@@ -53,9 +53,9 @@ def _cases(cfg, split_name: str, max_cases: int | None) -> tuple[Path, list]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
+    from segevo.data.manifest import read_prep_array
     from segevo.evaluation import Sample, evaluate_case
     from segevo.inference import ZoomInference, load_for_inference
 
@@ -68,16 +68,21 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--adapter none evaluates plain SegVol: give its weights (--weights or train.base_weights)")
     if adapter is not None and not Path(adapter).is_dir():
         raise UserError(f"{adapter}: no adapter checkpoint (run 'segevo train', or pass --adapter none)")
-    model = load_for_inference(cfg.model, adapter, args.weights or cfg.train.base_weights)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    weights = args.weights or cfg.train.base_weights
+    data = Path(cfg.data.root)
+    preflight(args, inputs=[("--adapter", adapter), ("--weights", weights),
+                            ("manifest", data / "prep" / "manifest.json"), ("split", data / "split.json")],
+              folders=[("metrics folder", METRICS)], replaced=[("evaluate.report", e.report)])
+    device = torch_device(args.device)
+    model = load_for_inference(cfg.model, adapter, weights)
     zoom = ZoomInference(model.to(device), cfg.inference, device)
     overlay_prompt = next(p for p in HEADLINE if p in e.prompts)
     rows: list[dict] = []
     overlays: list[dict] = []
     start = time.perf_counter()
     for i, case in enumerate(tqdm(cases, desc="evaluate", unit="case")):
-        image = np.load(case.path(prep, "image")).astype(np.float32)
-        label = np.load(case.path(prep, "label"))
+        image = read_prep_array(case, prep, "image").astype(np.float32)
+        label = read_prep_array(case, prep, "label")
         want = i < e.overlays
 
         def keep(s: Sample, want: bool = want) -> bool:

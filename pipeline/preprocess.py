@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.common import config_from_args
+from pipeline.common import config_from_args, preflight
 from pipeline.flags import int_at_least
 
 
@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from segevo.data.preprocess import run_preprocess
 
     cfg, source = config_from_args(args)
+    preflight(args, folders=[("data.root", cfg.data.root)])
     log_to_stderr()
     report = run_preprocess(cfg, workers=args.workers, force=args.force)
     print_report("preprocess", report)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.common import config_from_args
+from pipeline.common import config_from_args, preflight
 from pipeline.preprocess import add_stage_options, log_to_stderr, print_report, shown
 
 
@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from segevo.data.preprocess import run_pseudomask
 
     cfg, source = config_from_args(args)
+    preflight(args, folders=[("data.root", cfg.data.root)])
     log_to_stderr()
     report = run_pseudomask(cfg, workers=args.workers, force=args.force)
     print_report("pseudomask", report)

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import config_from_args, csv_bytes, prepared_data, pyplot
+from pipeline.common import config_from_args, csv_bytes, preflight, prepared_data, pyplot
 from pipeline.flags import int_at_least, run_name
 
 METRICS = Path("metrics")
@@ -52,12 +52,18 @@ def training_data(cfg) -> tuple[Path, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from segevo.config import SegevoConfig
+    from segevo.config import parse_config
+    from segevo.model.checkpoint import check_checkpoint_file
 
     cfg, source = config_from_args(args)
-    train = cfg.train.model_copy(update=_overrides(args))
-    cfg = SegevoConfig.model_validate({**cfg.model_dump(), "train": train.model_dump()})
+    train = {**cfg.train.model_dump(), **_overrides(args)}
+    cfg = parse_config({**cfg.model_dump(), "train": train}, f"{source} with the command line")
     root, split = training_data(cfg)
+    if cfg.train.base_weights:
+        check_checkpoint_file(cfg.train.base_weights)
+    preflight(args, inputs=[("train.base_weights", cfg.train.base_weights),
+                            ("manifest", root / "prep" / "manifest.json"), ("split", root / "split.json")],
+              replaced=[("train.output", cfg.train.output)], folders=[("metrics folder", METRICS)])
     run_id = cfg.train.run_id or time.strftime("run-%Y%m%d-%H%M%S")
     storage = storage_uri(cfg)
     from pipeline.tracking import resolve_uri

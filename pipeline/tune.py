@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import config_from_args, pyplot
+from pipeline.common import config_from_args, preflight, pyplot
 from pipeline.flags import int_at_least, positive_seconds, run_name
 from segevo.errors import UserError
 
@@ -47,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
     tune = {**cfg.tune.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
     cfg = parse_config({**cfg.model_dump(), "tune": tune}, f"{source} with the command line")
     warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats, matplotlib plots
-    storage = open_storage(cfg.tune)
+    database = sqlite_file(cfg.tune.storage)
+    preflight(args, outputs=[("--write-profile", args.write_profile)], inputs=[("tune.storage", database)],
+              folders=[] if args.report else [("tune.output", cfg.tune.output)])
+    storage = open_storage(cfg.tune, create=not args.report)
     study = _load_study(cfg.tune.study, storage) if args.report else optimize(cfg, storage, args.timeout)
     print_report(study, storage_name(cfg.tune.storage))
     if args.write_profile:
@@ -62,8 +65,23 @@ def storage_name(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def open_storage(tune) -> Any:
-    """The study's RDB storage with heartbeats; a bad or unreachable URL is a one-line error naming it."""
+def sqlite_file(url: str) -> str | None:
+    """The database file of a ``sqlite:///`` storage URL (None for other databases, memory, or a bad URL)."""
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return parsed.database
+
+
+def open_storage(tune, create: bool = True) -> Any:
+    """The study's RDB storage with heartbeats; a bad or unreachable URL is a one-line error naming it. With
+    ``create=False`` (a read-only command) a SQLite file that does not exist is an error, not a new database."""
     import optuna
     import sqlalchemy.exc
     from sqlalchemy.engine import make_url
@@ -76,8 +94,11 @@ def open_storage(tune) -> Any:
     name = storage_name(tune.storage)
     backend = url.get_backend_name()
     if backend == "sqlite":
-        if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        database = sqlite_file(tune.storage)
+        if database and not create and not Path(database).is_file():
+            raise UserError(f"tune.storage {name}: no study database at {database} (run 'segevo tune' first)")
+        if database:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = {"connect_args": {"timeout": 60}}  # several processes write: wait for the lock, do not fail
     elif backend in ("postgresql", "mysql"):
         engine = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}

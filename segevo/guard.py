@@ -62,10 +62,12 @@ def _check_not_input(label: str, path: Path, inputs: list[tuple[str, Path]]) -> 
             raise OutputError(f"{label} {path}: {where}; refusing to write over an input")
 
 
-def preflight(outputs: Iterable[Named] = (), inputs: Iterable[Named] = (), folders: Iterable[Named] = ()) -> None:
-    """Raise :class:`OutputError` (naming the flag or key) unless every output file can be written without
-    touching an input. ``outputs`` are files, ``folders`` are directories the verb fills; labels are the flag or
-    config key a user would change. ``None`` paths (an option not given) are skipped."""
+def preflight(outputs: Iterable[Named] = (), inputs: Iterable[Named] = (), folders: Iterable[Named] = (),
+              replaced: Iterable[Named] = ()) -> None:
+    """Raise :class:`OutputError` (naming the flag or key) unless every output can be written without touching
+    an input. ``outputs`` are files; ``folders`` are directories the verb writes files into; ``replaced`` are
+    directories the verb swaps whole for new ones, which therefore must not hold (or be) any input. Labels are
+    the flag or config key a user would change; ``None`` paths (an option not given) are skipped."""
     given_inputs = [(label, Path(p)) for label, p in inputs if p is not None]
     for label, p in outputs:
         if p is None:
@@ -85,3 +87,14 @@ def preflight(outputs: Iterable[Named] = (), inputs: Iterable[Named] = (), folde
             if not source.is_dir() and source.exists() and same_file(path, source):
                 raise OutputError(f"{label} {path}: is the input {in_label} {source}")
         _check_writable_folder(label, path, path)
+    for label, p in replaced:
+        if p is None:
+            continue
+        path = Path(p)
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{label} {path}: is a file; expected a folder")
+        for in_label, source in given_inputs:
+            if _inside(source, path) or _inside(path, source):
+                raise OutputError(f"{label} {path}: holds the input {in_label} {source}; the folder is replaced "
+                                  "as a whole, so it must not contain (or be inside) an input")
+        _check_writable_folder(label, path, path.parent)

@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from segevo.errors import UserError
-from segevo.io import atomic_write_json, read_json
+from segevo.io import atomic_write_json, read_json, read_npy
 
 MANIFEST_VERSION = 1
 AXIS_ORDER = (2, 1, 0)
@@ -116,3 +116,24 @@ def read_manifest(path: str | Path) -> tuple[list[PrepCase], dict[str, Any]]:
 
 
 _ROWS = TypeAdapter(list[PrepCase])
+_ON_PREP_GRID = ("image", "label", "pseudo")
+ARRAYS = ("image", "label", "pseudo", "zoom_image", "zoom_label", "zoom_pseudo", "locations")
+
+
+def read_prep_array(case: PrepCase, root: Path, name: str, mmap: bool = False) -> Any:
+    """One of a case's prepared arrays, checked: readable (not truncated) and, for the arrays on the prep grid,
+    of the shape the manifest gives; errors name the file and the case."""
+    path = case.path(root, name)
+    array = read_npy(path, f"prepared {name} array of {case.key}", mmap=mmap)
+    if name in _ON_PREP_GRID and tuple(array.shape) != tuple(case.shape):
+        raise ManifestError(f"{path}: shape {tuple(array.shape)}, but the manifest gives {tuple(case.shape)} for "
+                            f"{case.key} (rerun 'segevo preprocess')")
+    return array
+
+
+def check_prep_arrays(cases: list[PrepCase], root: Path) -> None:
+    """Every array of every case opened memory-mapped (cheap: headers and sizes only), before a run starts."""
+    for case in cases:
+        for name in ARRAYS:
+            if getattr(case, name) is not None:
+                read_prep_array(case, root, name, mmap=True)

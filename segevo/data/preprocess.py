@@ -223,14 +223,20 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Any]:
 
 
 def _to_float32(data: np.ndarray, path: Path) -> np.ndarray:
-    """What MONAI's ``LoadImage`` hands SegVol's transforms; NaN/Inf checked after the cast (float64 values can
-    overflow float32)."""
+    """What MONAI's ``LoadImage`` hands SegVol's transforms. NaN/Inf in the file and finite float64 values that
+    overflow float32 are told apart: calling the latter NaN/Inf would send the user looking for what is not there."""
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise CaseError(f"{path}: voxel type {data.dtype} is not a real number")
-    image = data.astype(np.float32, order="C")  # nibabel's arrays are Fortran-ordered: one copy, here
-    bad = image.size - int(np.count_nonzero(np.isfinite(image)))
-    if bad:
-        raise CaseError(f"{path}: {bad} NaN/Inf voxels")
+    if data.dtype.kind == "f":
+        bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise CaseError(f"{path}: {bad} NaN/Inf voxels")
+    with np.errstate(over="ignore"):
+        image = data.astype(np.float32, order="C")  # nibabel's arrays are Fortran-ordered: one copy, here
+    big = image.size - int(np.count_nonzero(np.isfinite(image)))
+    if big:
+        raise CaseError(f"{path}: {big} voxels are finite but beyond the float32 range (|value| > "
+                        f"{np.finfo(np.float32).max:.3g}), which the model computes in")
     return image
 
 

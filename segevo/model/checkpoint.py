@@ -207,6 +207,18 @@ def check_keys(expected: Mapping[str, torch.Tensor], sd: Mapping[str, object]) -
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
 
 
+def check_checkpoint_file(path: str | Path, layout: str = "auto", trust_pickle: bool = False) -> str:
+    """Read a checkpoint and check its layout and finiteness without a model: what a verb that loads it later
+    (in another process) checks up front. Returns the layout."""
+    obj = read_checkpoint(path, trust_pickle=trust_pickle)
+    try:
+        layout, sd, _ = canonical_state_dict(obj, layout)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    check_finite(sd, path)
+    return layout
+
+
 def load_checkpoint(model: SegVol, path: str | Path, layout: str = "auto",
                     trust_pickle: bool = False) -> LoadReport:
     """Load a SegVol checkpoint into ``model`` strictly; ``vit`` fills the image encoder only."""

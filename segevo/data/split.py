@@ -75,26 +75,25 @@ class SplitError(UserError):
 
 
 def read_split(path: str | Path, known: Iterable[str] | None = None) -> dict[str, Any]:
-    """``split.json`` checked: ``train``/``val``/``test`` lists of case keys (each key in one split only and, when
-    ``known`` is given, in the manifest) and ``subsets`` mapping a size to keys of ``train``."""
+    """``split.json`` checked: ``train``/``val``/``test`` lists of case keys (when ``known`` is given, each in the
+    manifest) and ``subsets`` mapping a size to keys of ``train``. Splits may overlap: tiny data sets validate
+    on training cases on purpose."""
     path = Path(path)
     if not path.exists():
         raise SplitError(f"{path}: no split (run 'segevo split' first)")
     data = read_json(path, "split", SplitError)
-    seen: dict[str, str] = {}
+    seen: set[str] = set()
     for name in SPLITS:
         keys = data.get(name)
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise SplitError(f"{path}: '{name}' must be a list of case keys (rerun 'segevo split')")
-        for key in keys:
-            if key in seen:
-                raise SplitError(f"{path}: case {key} is in both '{seen[key]}' and '{name}'")
-            seen[key] = name
+        seen.update(keys)
+    train = set(data["train"])
     subsets = data.setdefault("subsets", {})
     if not isinstance(subsets, dict) or not all(
-            isinstance(v, list) and all(seen.get(k) == "train" for k in v) for v in subsets.values()):
+            isinstance(v, list) and all(isinstance(k, str) and k in train for k in v) for v in subsets.values()):
         raise SplitError(f"{path}: 'subsets' must map sizes to lists of training case keys")
-    unknown = sorted(set(seen) - set(known)) if known is not None else []
+    unknown = sorted(seen - set(known)) if known is not None else []
     if unknown:
         raise SplitError(f"{path}: case {unknown[0]} is not in the manifest (rerun 'segevo split')")
     return data

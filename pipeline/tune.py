@@ -48,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = parse_config({**cfg.model_dump(), "tune": tune}, f"{source} with the command line")
     warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats, matplotlib plots
     database = sqlite_file(cfg.tune.storage)
+    if not args.report:
+        from pipeline.train import training_data
+
+        training_data(cfg)  # bad data fails here, before a study database is created
     preflight(args, outputs=[("--write-profile", args.write_profile)], inputs=[("tune.storage", database)],
               folders=[] if args.report else [("tune.output", cfg.tune.output)])
     storage = open_storage(cfg.tune, create=not args.report)

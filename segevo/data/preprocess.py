@@ -205,6 +205,8 @@ class RawVolume:
 
 
 def _unreadable(path: Path, kind: str, err: BaseException) -> CaseError:
+    if path.is_dir():
+        return CaseError(f"{path}: is a directory, not a {kind} file")
     if isinstance(err, FileNotFoundError):
         return CaseError(f"{path}: file not found")
     detail = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -10,7 +10,6 @@ Everything is also logged to the training run in MLflow.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -74,13 +73,14 @@ def run(args: argparse.Namespace) -> int:
                             ("manifest", data / "prep" / "manifest.json"), ("split", data / "split.json")],
               folders=[("metrics folder", METRICS)], replaced=[("evaluate.report", e.report)])
     device = torch_device(args.device)
+    run_id = args.run_id or _training_run_id()
     model = load_for_inference(cfg.model, adapter, weights)
     zoom = ZoomInference(model.to(device), cfg.inference, device)
     overlay_prompt = next(p for p in HEADLINE if p in e.prompts)
     rows: list[dict] = []
     overlays: list[dict] = []
     start = time.perf_counter()
-    for i, case in enumerate(tqdm(cases, desc="evaluate", unit="case")):
+    for i, case in enumerate(tqdm(cases, desc="evaluate", unit="case", disable=None)):
         image = read_prep_array(case, prep, "image").astype(np.float32)
         label = read_prep_array(case, prep, "label")
         want = i < e.overlays
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.report import write_report
 
     report = write_report(Path(e.report), rows, summary, overlays, model, cfg)
-    _log_to_mlflow(cfg, args.run_id, summary, report)
+    _log_to_mlflow(cfg, run_id, summary, report)
     head = summary["headline"]
     print(f"evaluated {summary['cases']} cases, {summary['samples']} samples in {seconds:.1f} s; "
           f"{head['prompt']} Dice {head['dice']:.3f} [{head['dice_lo']:.3f}, {head['dice_hi']:.3f}], "
@@ -165,12 +165,23 @@ def write_outputs(rows: list[dict], summary: dict) -> None:
     atomic_write_json(METRICS / "eval.json", metrics)
 
 
+def _training_run_id() -> str | None:
+    """The MLflow run of the last training (``metrics/train.json``), read before the work so a malformed file
+    is a one-line error naming it, not a traceback after the evaluation."""
+    from segevo.io import read_json
+
+    train = METRICS / "train.json"
+    if not train.exists():
+        return None
+    run_id = read_json(train, "training summary").get("run_id")
+    if run_id is not None and not isinstance(run_id, str):
+        raise UserError(f"{train}: 'run_id' must be a string, got {type(run_id).__name__}")
+    return run_id
+
+
 def _log_to_mlflow(cfg, run_id: str | None, summary: dict, report: Path) -> None:
     from pipeline.tracking import Tracker, resolve_uri
 
-    if run_id is None:
-        train = METRICS / "train.json"
-        run_id = json.loads(train.read_text()).get("run_id") if train.is_file() else None
     if run_id is None:
         print("no training run to log to (no metrics/train.json and no --run-id): MLflow logging skipped")
         return

@@ -86,6 +86,8 @@ def ws(tmp_path_factory) -> Path:
     data_root(ws, "alien_split", lambda r: (r / "split.json").write_text(
         '{"train": ["x/y"], "val": [], "test": ["x/y"]}'))
     data_root(ws, "cut_array", lambda r: (r / "prep" / "demo_ct2" / "label.npy").write_bytes(b"\x93NUMPY"))
+    data_root(ws, "nan_image", lambda r: np.save(r / "prep" / "demo_ct1" / "image.npy",
+                                                 np.full((12, 40, 44), np.nan, np.float16)))
     data_root(ws, "list_cases", lambda r: ((r / "raw").mkdir(), (r / "raw" / "cases.json").write_text("[]")))
     return ws
 
@@ -162,6 +164,8 @@ CASES: list[tuple[str, list[str]]] = [
     ("evaluate truncated array", ["--config", "cut_array.yaml", "evaluate", "--adapter", "adapter"]),
     ("evaluate report holds the config", ["--config", "report_dot.yaml", "evaluate", "--adapter", "adapter",
                                           "--split", "train"]),
+    ("evaluate NaN prepared image", ["--config", "nan_image.yaml", "evaluate", "--adapter", "adapter",
+                                     "--split", "train"]),
     ("evaluate NaN weights", ["evaluate", "--adapter", "none", "--weights", "nan.bin", "--split", "train"]),
     ("download root is a file", ["--config", "root_file.yaml", "download"]),
     ("download unknown source", ["download", "--source", "nope"]),
@@ -211,3 +215,19 @@ def test_every_verb_is_covered():
     covered = {argv[argv.index("--config") + 2] if "--config" in argv else argv[0] for _, argv in CASES}
     assert covered == set(VERBS)
     assert len(CASES) >= 60
+
+
+def test_a_malformed_training_summary_fails_before_the_evaluation(ws, tmp_path, capsys, monkeypatch):
+    """``metrics/train.json`` (read for the MLflow run) is validated before the work, not after it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "abs.yaml").write_text(yaml.safe_dump({**CFG, "data": {"root": str(ws / "data")}}))
+    for text, message in (("[1]", "a training summary must be a JSON object"), ("{", "not valid JSON"),
+                          ('{"run_id": 3}', "'run_id' must be a string")):
+        (tmp_path / "metrics" / "train.json").write_text(text)
+        before = snapshot(tmp_path)
+        code = main(["--config", "abs.yaml", "evaluate", "--adapter", str(ws / "adapter"),
+                     "--split", "train"])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and f"metrics/train.json: {message}" in err, err
+        assert snapshot(tmp_path) == before

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from segevo.errors import UserError
@@ -121,13 +122,16 @@ ARRAYS = ("image", "label", "pseudo", "zoom_image", "zoom_label", "zoom_pseudo",
 
 
 def read_prep_array(case: PrepCase, root: Path, name: str, mmap: bool = False) -> Any:
-    """One of a case's prepared arrays, checked: readable (not truncated) and, for the arrays on the prep grid,
-    of the shape the manifest gives; errors name the file and the case."""
+    """One of a case's prepared arrays, checked: readable (not truncated), for the arrays on the prep grid of the
+    shape the manifest gives, and finite when read in full; errors name the file and the case."""
     path = case.path(root, name)
     array = read_npy(path, f"prepared {name} array of {case.key}", mmap=mmap)
     if name in _ON_PREP_GRID and tuple(array.shape) != tuple(case.shape):
         raise ManifestError(f"{path}: shape {tuple(array.shape)}, but the manifest gives {tuple(case.shape)} for "
                             f"{case.key} (rerun 'segevo preprocess')")
+    if not mmap and array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise ManifestError(f"{path}: NaN/Inf values in the prepared {name} array of {case.key} "
+                            "(rerun 'segevo preprocess')")
     return array
 
 

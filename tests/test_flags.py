@@ -153,3 +153,26 @@ def test_property_devices_and_seconds(text):
         assert positive_seconds(text) > 0
     except argparse.ArgumentTypeError as err:
         assert "seconds" in str(err)
+
+
+@FAST
+@given(st.tuples(*[st.integers(1, 50)] * 3), st.lists(st.integers(-3, 55), min_size=6, max_size=6),
+       st.lists(st.tuples(st.lists(st.integers(-3, 55), min_size=3, max_size=3), st.sampled_from([0, 1])),
+                max_size=3))
+def test_property_prompts_are_checked_against_the_volume(shape, box, points):
+    """A box or point is accepted exactly when every index lies in 0..shape-1, and is then kept as given."""
+    from pipeline.predict import raw_queries
+    from segevo.errors import UserError
+
+    pairs = list(zip(box[:3], box[3:], strict=True))
+    box = [min(p) for p in pairs] + [max(p) for p in pairs]  # what the parser lets through
+    args = argparse.Namespace(text=[], box=box, point=points)
+    inside = all(0 <= v <= n - 1 for v, n in zip(box, shape * 2, strict=True)) and all(
+        0 <= v <= n - 1 for coords, _ in points for v, n in zip(coords, shape, strict=True))
+    try:
+        (query,) = raw_queries(args, shape)
+    except UserError as err:
+        assert not inside and "lies outside the volume" in str(err)
+        return
+    assert inside and query["box"].tolist() == box
+    assert query["points"] is None if not points else query["points"].tolist() == [c for c, _ in points]

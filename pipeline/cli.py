@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 # verb -> (module, one-line help). Only verbs that work are listed.
 VERBS: dict[str, tuple[str, str]] = {
@@ -22,8 +23,20 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+class UsageError(Exception):
+    """A flag the parser rejected; reported as one line (exit 2) like every other user error."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints its usage block and exits; here a bad flag is one line naming it, and ``main`` returns 2
+    instead of exiting, so the front door behaves the same when called in process. Sub-parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="segevo",
         description="Adapt SegVol to new modalities: data, training, evaluation and inference.",
     )
@@ -36,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as err:
+        print(f"segevo: error: {err}", file=sys.stderr)
+        return 2
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

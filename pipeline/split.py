@@ -6,7 +6,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from pipeline.common import config_from_args
+from pipeline.common import config_from_args, preflight
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     root = Path(cfg.data.root)
     manifest = Path(args.manifest) if args.manifest else root / "prep" / "manifest.json"
     out = Path(args.out) if args.out else root / "split.json"
+    preflight(args, outputs=[("--out", out)], inputs=[("--manifest", manifest)])
     cases, _ = read_manifest(manifest)
     s = cfg.split
     splits = split_patients([(c.key, c.source, c.patient_id) for c in cases], s.val_fraction, s.test_fraction,

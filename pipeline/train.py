@@ -18,22 +18,23 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import config_from_args, csv_bytes, prepared_data, pyplot
+from pipeline.common import config_from_args, csv_bytes, preflight, prepared_data, pyplot
+from pipeline.flags import int_at_least, run_name
 
 METRICS = Path("metrics")
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
-    p.add_argument("--num-workers", type=int, help="Ray Train workers (default: train.num_workers)")
+    p.add_argument("--num-workers", type=int_at_least(1), help="Ray Train workers (default: train.num_workers)")
     gpu = p.add_mutually_exclusive_group()
     gpu.add_argument("--use-gpu", dest="use_gpu", action="store_const", const=True, default=None)
     gpu.add_argument("--no-gpu", dest="use_gpu", action="store_const", const=False)
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--run-id", help="names the Ray run and the MLflow run; reuse it to resume")
+    p.add_argument("--run-id", type=run_name, help="names the Ray run and the MLflow run; reuse it to resume")
     p.add_argument("--storage-path", help="where Ray keeps checkpoints (shared storage on a cluster)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--epochs", type=int_at_least(1))
+    p.add_argument("--steps-per-epoch", type=int_at_least(1))
     p.set_defaults(run=run)
 
 
@@ -51,12 +52,18 @@ def training_data(cfg) -> tuple[Path, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from segevo.config import SegevoConfig
+    from segevo.config import parse_config
+    from segevo.model.checkpoint import check_checkpoint_file
 
     cfg, source = config_from_args(args)
-    train = cfg.train.model_copy(update=_overrides(args))
-    cfg = SegevoConfig.model_validate({**cfg.model_dump(), "train": train.model_dump()})
+    train = {**cfg.train.model_dump(), **_overrides(args)}
+    cfg = parse_config({**cfg.model_dump(), "train": train}, f"{source} with the command line")
     root, split = training_data(cfg)
+    if cfg.train.base_weights:
+        check_checkpoint_file(cfg.train.base_weights)
+    preflight(args, inputs=[("train.base_weights", cfg.train.base_weights),
+                            ("manifest", root / "prep" / "manifest.json"), ("split", root / "split.json")],
+              replaced=[("train.output", cfg.train.output)], folders=[("metrics folder", METRICS)])
     run_id = cfg.train.run_id or time.strftime("run-%Y%m%d-%H%M%S")
     storage = storage_uri(cfg)
     from pipeline.tracking import resolve_uri

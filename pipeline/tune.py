@@ -18,18 +18,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import config_from_args, pyplot
+from pipeline.common import config_from_args, preflight, pyplot
+from pipeline.flags import int_at_least, positive_seconds, run_name
+from segevo.errors import UserError
 
 MAX_FAILURES_IN_A_ROW = 3  # a study whose trials keep failing is broken, not unlucky: stop instead of spinning
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, help="finished trials the study should hold, counting every process's "
-                                              "(default: tune.trials)")
-    p.add_argument("--study", help="study name (default: tune.study)")
+    p.add_argument("--trials", type=int_at_least(1),
+                   help="finished trials the study should hold, counting every process's (default: tune.trials)")
+    p.add_argument("--study", type=run_name, help="study name (default: tune.study)")
     p.add_argument("--storage", help="RDB URL: sqlite:///optuna.db, postgresql://user@host/db (default: tune.storage)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this long")
+    p.add_argument("--timeout", type=positive_seconds, metavar="SECONDS", help="start no new trial after this long")
     p.add_argument("--report", action="store_true", help="print the best trial and every trial; run nothing")
     p.add_argument("--write-profile", metavar="YAML", help="write the best trial's configuration as a profile")
     p.set_defaults(run=run)
@@ -45,7 +47,14 @@ def run(args: argparse.Namespace) -> int:
     tune = {**cfg.tune.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
     cfg = parse_config({**cfg.model_dump(), "tune": tune}, f"{source} with the command line")
     warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats, matplotlib plots
-    storage = open_storage(cfg.tune)
+    database = sqlite_file(cfg.tune.storage)
+    if not args.report:
+        from pipeline.train import training_data
+
+        training_data(cfg)  # bad data fails here, before a study database is created
+    preflight(args, outputs=[("--write-profile", args.write_profile)], inputs=[("tune.storage", database)],
+              folders=[] if args.report else [("tune.output", cfg.tune.output)])
+    storage = open_storage(cfg.tune, create=not args.report)
     study = _load_study(cfg.tune.study, storage) if args.report else optimize(cfg, storage, args.timeout)
     print_report(study, storage_name(cfg.tune.storage))
     if args.write_profile:
@@ -60,8 +69,23 @@ def storage_name(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def open_storage(tune) -> Any:
-    """The study's RDB storage with heartbeats; a bad or unreachable URL is a one-line error naming it."""
+def sqlite_file(url: str) -> str | None:
+    """The database file of a ``sqlite:///`` storage URL (None for other databases, memory, or a bad URL)."""
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return parsed.database
+
+
+def open_storage(tune, create: bool = True) -> Any:
+    """The study's RDB storage with heartbeats; a bad or unreachable URL is a one-line error naming it. With
+    ``create=False`` (a read-only command) a SQLite file that does not exist is an error, not a new database."""
     import optuna
     import sqlalchemy.exc
     from sqlalchemy.engine import make_url
@@ -69,20 +93,23 @@ def open_storage(tune) -> Any:
     try:
         url = make_url(tune.storage)
     except sqlalchemy.exc.ArgumentError:
-        raise ValueError(f"tune.storage {tune.storage!r} is not a database URL (sqlite:///optuna.db, "
+        raise UserError(f"tune.storage {tune.storage!r} is not a database URL (sqlite:///optuna.db, "
                          "postgresql://user:password@host:5432/db)") from None
     name = storage_name(tune.storage)
     backend = url.get_backend_name()
     if backend == "sqlite":
-        if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        database = sqlite_file(tune.storage)
+        if database and not create and not Path(database).is_file():
+            raise UserError(f"tune.storage {name}: no study database at {database} (run 'segevo tune' first)")
+        if database:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = {"connect_args": {"timeout": 60}}  # several processes write: wait for the lock, do not fail
     elif backend in ("postgresql", "mysql"):
         engine = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
         if url.drivername == "postgresql":  # the driver we install, whatever SQLAlchemy's default for the scheme
             url = url.set(drivername="postgresql+psycopg")
     else:
-        raise ValueError(f"tune.storage {name}: unsupported database {backend!r} (use sqlite or postgresql)")
+        raise UserError(f"tune.storage {name}: unsupported database {backend!r} (use sqlite or postgresql)")
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=tune.retries,
                                                              inherit_intermediate_values=True)
     attempts = 0
@@ -92,13 +119,13 @@ def open_storage(tune) -> Any:
                                               heartbeat_interval=tune.heartbeat_s, grace_period=tune.grace_s,
                                               heartbeat_stale_trial_callback=retry)
         except ImportError as err:
-            raise ValueError(f"tune.storage {name}: no database driver ({err})") from None
+            raise UserError(f"tune.storage {name}: no database driver ({err})") from None
         except sqlalchemy.exc.SQLAlchemyError as err:
             reason = str(getattr(err, "orig", err) or err).strip().splitlines()[0]
             attempts += 1
             # Two processes creating the schema at once collide; a dead server does not get better by waiting.
             if attempts == 5 or "connect" in reason.lower() or "authentication" in reason.lower():
-                raise ValueError(f"tune.storage {name}: cannot open the study database: {reason}") from None
+                raise UserError(f"tune.storage {name}: cannot open the study database: {reason}") from None
             time.sleep(attempts)
 
 
@@ -108,7 +135,7 @@ def _load_study(name: str, storage: Any) -> Any:
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        raise ValueError(f"no study {name!r} in {storage_name(storage.url)} (run 'segevo tune' first)") from None
+        raise UserError(f"no study {name!r} in {storage_name(storage.url)} (run 'segevo tune' first)") from None
 
 
 def _sampler(tune, trial_number: int = 0) -> Any:
@@ -350,7 +377,7 @@ def write_profile(cfg, study: Any, path: Path) -> None:
 
     best = _best(study)
     if best is None:
-        raise ValueError(f"study {study.study_name} has no complete trial yet: no profile written")
+        raise UserError(f"study {study.study_name} has no complete trial yet: no profile written")
     profile = with_values(cfg, best["params"])
     header = (f"# Written by segevo tune: study {study.study_name}, trial {best['trial']} ({best['run_id']}), "
               f"val_dice {best['value']:.4f}.\n# Tuned: "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.common import config_from_args, print_part_table
+from pipeline.common import config_from_args, preflight, print_part_table
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -55,6 +55,8 @@ def run_check(args: argparse.Namespace) -> int:
 def run_download(args: argparse.Namespace) -> int:
     from segevo.hub import DEFAULT_REVISION, download_segvol
 
+    config_from_args(args)
+    preflight(args, folders=[("--dest", args.dest)])
     paths = download_segvol(args.dest, revision=args.revision or DEFAULT_REVISION, include_vit=args.include_vit)
     for path in paths:
         print(path)

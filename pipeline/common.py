@@ -10,22 +10,27 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from segevo.config import SegevoConfig, load_config
+from segevo.config import SegevoConfig, apply_overrides, load_config
 from segevo.errors import UserError
 from segevo.guard import Named
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[SegevoConfig, str]:
-    """The config named by ``--config``, else ``$SEGEVO_CONFIG``, else ``params.yaml``, else the defaults."""
+    """The config named by ``--config``, else ``$SEGEVO_CONFIG``, else ``params.yaml``, else the defaults, with
+    every ``--set KEY=VALUE`` applied (validated by the same schema)."""
     path = config_file(args)
-    if path is None:
-        return load_config(None), "built-in defaults"
-    return load_config(path), str(path)
+    cfg = load_config(path)
+    sets = list(getattr(args, "sets", None) or [])
+    source = str(path) if path is not None else "built-in defaults"
+    if sets:
+        cfg = apply_overrides(cfg, sets)
+        source += " with --set " + " ".join(sets)
+    return cfg, source
 
 
 def config_file(args: argparse.Namespace) -> str | None:
     """The config file a verb reads (an input no output may overwrite), or None for the built-in defaults."""
-    path = args.config or os.environ.get("SEGEVO_CONFIG")
+    path = getattr(args, "config", None) or os.environ.get("SEGEVO_CONFIG")
     if path is None and os.path.isfile("params.yaml"):
         path = "params.yaml"
     return path

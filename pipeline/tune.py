@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats, matplotlib plots
     database = sqlite_file(cfg.tune.storage)
     if not args.report:
-        from pipeline.train import training_data
+        from pipeline.launch import training_data
 
         training_data(cfg)  # bad data fails here, before a study database is created
     preflight(args, outputs=[("--write-profile", args.write_profile)], inputs=[("tune.storage", database)],
@@ -170,17 +170,21 @@ def optimize(cfg, storage: Any, timeout: float | None) -> Any:
     import optuna
     from optuna.trial import TrialState
 
-    from pipeline.tracking import StudyRuns, resolve_uri
-    from pipeline.train import training_data
+    from pipeline.cluster import PathUse
+    from pipeline.launch import prepare
+    from pipeline.tracking import StudyRuns
 
     t = cfg.tune
-    root, split = training_data(cfg)
+    database = sqlite_file(t.storage)
+    writes = [PathUse("tune.output", t.output, True)]
+    if database is not None:
+        writes.append(PathUse("tune.storage", str(Path(database).parent), True))
+    root, split, tracking_uri, _ = prepare(cfg, writes=writes)
     study = optuna.create_study(study_name=t.study, storage=storage, direction="maximize", load_if_exists=True,
                                 sampler=_sampler(t), pruner=_pruner(cfg))
-    tracking_uri = resolve_uri(cfg.tracking.tracking_uri, Path.cwd())
     runs = StudyRuns(tracking_uri, cfg.tracking.experiment, t.study)
     out = Path(t.output) / t.study
-    objective = Objective(cfg, root.resolve(), split, tracking_uri, runs, out)
+    objective = Objective(cfg, root, split, tracking_uri, runs, out)
     deadline = None if timeout is None else time.monotonic() + timeout
     finished: list[Any] = []
     failures = 0
@@ -227,7 +231,8 @@ class Objective:
         import optuna
         from optuna.trial import TrialState
 
-        from pipeline.train import export, storage_uri
+        from pipeline.launch import storage_uri
+        from pipeline.train import export
         from segevo.config import with_values
 
         if self.cfg.tune.seed is not None:
@@ -267,8 +272,8 @@ class Objective:
         """``launch`` in a thread; here, every epoch's Dice goes to Optuna and the prune verdict back to the run."""
         import ray
 
+        from pipeline.launch import ensure_ray, launch
         from pipeline.report_relay import ReportRelay
-        from pipeline.train import ensure_ray, launch
 
         ensure_ray(cfg)
         relay = ReportRelay.remote()

@@ -269,6 +269,16 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, gt=0)
     ray_address: str | None = None
     output: str = "models/adapter"
+    metrics_dir: str = "metrics"
+    # A random base is right for the offline demo and wrong everywhere else: refused unless said here.
+    allow_random_base: bool = False
+    # Seconds a run that asks for GPUs waits for the cluster (autoscaler) to have them, then fails.
+    gpu_wait_s: float = Field(600.0, ge=0)
+    # Prepared data staged onto every node's local disk from a DVC remote (instead of a shared data.root):
+    # the version is the hash of data/prep and data/split.json in data_lock (a dvc.lock or .dvc file).
+    data_remote: str | None = None
+    data_lock: str = "dvc.lock"
+    staging_dir: str = "/tmp/segevo/data"
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -672,3 +682,41 @@ def load_config(path: str | os.PathLike[str] | None = None) -> SegevoConfig:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     return parse_config(read_yaml(p), str(p))
+
+
+def apply_overrides(cfg: SegevoConfig, overrides: list[str]) -> SegevoConfig:
+    """``cfg`` with ``KEY=VALUE`` overrides (dotted keys, YAML values: ``train.lr=3e-4``, ``train.use_gpu=true``,
+    ``data.sources=[demo]``), validated by the same schema; an error names the override and the key."""
+    if not overrides:
+        return cfg
+    data = cfg.model_dump(mode="json")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        *parents, leaf = key.split(".")
+        node = data
+        for depth, part in enumerate(parents):
+            if not isinstance(node.get(part), dict):
+                where = ".".join(parents[:depth]) or "the config"
+                raise ConfigError(f"--set {key}: not a config key ({where} has no section {part!r})")
+            node = node[part]
+        if leaf not in node and not (parents and _open_mapping(parents)):
+            raise ConfigError(f"--set {key}: not a config key; {'.'.join(parents) or 'the config'} has: "
+                              f"{', '.join(node)}")
+        node[leaf] = value
+    try:
+        return SegevoConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError("--set " + format_error("", err).removeprefix(": ")) from None
+
+
+def _open_mapping(parents: list[str]) -> bool:
+    """Sections whose keys are the user's own names (a new expert, a tuned key, a per-modality template)."""
+    return parents[-1] in ("experts", "templates", "space", "resources_per_worker") or (
+        len(parents) >= 2 and parents[-2] in ("experts", "space"))

@@ -32,7 +32,7 @@ def config(tmp: Path, **train) -> Path:
         "loader": {"samples_per_epoch": 8},
         "train": {"epochs": 3, "batch_size": 2, "num_workers": 2, "val_samples": 2, "lr": 5e-3,
                   "storage_path": str(tmp / "runs"), "output": str(tmp / "adapter"), "loader_workers": 0,
-                  "max_failures": 1, **train},
+                  "max_failures": 1, "allow_random_base": True, **train},
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "system_metrics": False},
     }
     path = tmp / "cfg.yaml"

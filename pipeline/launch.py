@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common import preflight, prepared_data
+from pipeline.ray_quiet import HOOK, install
 
 
 def training_data(cfg) -> tuple[Path, dict]:
@@ -118,6 +119,7 @@ def ensure_ray(cfg) -> float:
     import ray
 
     start = time.perf_counter()
+    install()
     if not ray.is_initialized():
         address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -125,7 +127,7 @@ def ensure_ray(cfg) -> float:
         else:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on loopback
             ray.init(include_dashboard=False, log_to_driver=True,
-                     runtime_env={"env_vars": _worker_env()})
+                     runtime_env={"env_vars": _worker_env(), "worker_process_setup_hook": HOOK})
     return time.perf_counter() - start
 
 

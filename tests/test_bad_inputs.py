@@ -78,6 +78,8 @@ def ws(tmp_path_factory) -> Path:
     config(ws, "root_file.yaml", data={"root": "afile"})
     config(ws, "nan_base.yaml", train={"base_weights": "nan.bin"})
     config(ws, "bad_storage.yaml", tune={"storage": "nonsense"})
+    config(ws, "junk_study.yaml", tune={"storage": "sqlite:///random.bin"})
+    config(ws, "dir_study.yaml", tune={"storage": "sqlite:///adapter"})
     data_root(ws, "list_manifest", lambda r: (r / "prep" / "manifest.json").write_text("[]"))
     data_root(ws, "row_manifest", lambda r: (r / "prep" / "manifest.json").write_text(
         json.dumps({"version": 1, "meta": {}, "cases": [{"source": 3}]})))
@@ -156,6 +158,8 @@ CASES: list[tuple[str, list[str]]] = [
     ("tune trials 0", ["tune", "--trials", "0"]),
     ("tune profile over the config", ["tune", "--report", "--write-profile", "tiny.yaml"]),
     ("tune bad storage", ["--config", "bad_storage.yaml", "tune", "--report"]),
+    ("tune study is not a database", ["--config", "junk_study.yaml", "tune", "--report"]),
+    ("tune study is a directory", ["--config", "dir_study.yaml", "tune", "--report"]),
     ("tune malformed split", ["--config", "bad_split.yaml", "tune"]),
     ("evaluate max-cases 0", ["evaluate", "--max-cases", "0"]),
     ("evaluate device", ["evaluate", "--device", "banana"]),

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         check_checkpoint_file(cfg.train.base_weights)
     preflight(args, inputs=[("train.base_weights", cfg.train.base_weights),
                             ("manifest", root / "prep" / "manifest.json"), ("split", root / "split.json")],
+              outputs=[("metrics file", METRICS / n) for n in ("train.json", "train_curve.csv", "train_curve.png")],
               replaced=[("train.output", cfg.train.output)], folders=[("metrics folder", METRICS)])
     run_id = cfg.train.run_id or time.strftime("run-%Y%m%d-%H%M%S")
     storage = storage_uri(cfg)

@@ -72,6 +72,9 @@ def ws(tmp_path_factory) -> Path:
     (ws / "dup.yaml").write_text("model:\n  roi_size: [8, 32, 32]\nmodel: {}\n")
     (ws / "bool.yaml").write_text(yaml.safe_dump({**CFG, "adapters": {"experts": {"MRI": {"rank": True}}}}))
     (ws / "afile").write_text("not a folder")
+    (ws / "metrics").mkdir()
+    (ws / "metrics" / "eval.json").write_text(json.dumps(CFG))  # a config (JSON is YAML) where evaluate writes
+    (ws / "metrics" / "train.json").write_text(json.dumps(CFG))  # and where train writes
     config(ws, "out_dot.yaml", train={"output": "."})
     config(ws, "report_dot.yaml", evaluate={"report": "."})
     config(ws, "subset.yaml", train={"subset": "999"})
@@ -170,6 +173,9 @@ CASES: list[tuple[str, list[str]]] = [
                                           "--split", "train"]),
     ("evaluate NaN prepared image", ["--config", "nan_image.yaml", "evaluate", "--adapter", "adapter",
                                      "--split", "train"]),
+    ("evaluate metrics over the config", ["--config", "metrics/eval.json", "evaluate", "--adapter", "adapter",
+                                          "--split", "train"]),
+    ("train metrics over the config", ["--config", "metrics/train.json", "train"]),
     ("evaluate NaN weights", ["evaluate", "--adapter", "none", "--weights", "nan.bin", "--split", "train"]),
     ("download root is a file", ["--config", "root_file.yaml", "download"]),
     ("download unknown source", ["download", "--source", "nope"]),

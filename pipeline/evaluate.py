@@ -21,6 +21,7 @@ from pipeline.flags import device, int_at_least, run_name
 from segevo.errors import UserError
 
 METRICS = Path("metrics")
+EVAL_FILES = ("eval.json", "eval_per_class.csv", "eval_cases.csv", "eval_classes.csv")
 HEADLINE = ("text+point", "text", "point", "box", "text+box", "box+point")
 
 
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     data = Path(cfg.data.root)
     preflight(args, inputs=[("--adapter", adapter), ("--weights", weights),
                             ("manifest", data / "prep" / "manifest.json"), ("split", data / "split.json")],
+              outputs=[("metrics file", METRICS / name) for name in EVAL_FILES],
               folders=[("metrics folder", METRICS)], replaced=[("evaluate.report", e.report)])
     device = torch_device(args.device)
     run_id = args.run_id or _training_run_id()

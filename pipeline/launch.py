@@ -55,6 +55,8 @@ def prepare(cfg, args: argparse.Namespace | None = None,
         if args is not None:
             preflight(args, inputs=[("train.base_weights", t.base_weights),
                                     ("manifest", root / "prep" / "manifest.json"), ("split", root / "split.json")],
+                      outputs=[("metrics file", Path(t.metrics_dir) / n)
+                               for n in ("train.json", "train_curve.csv", "train_curve.png")],
                       replaced=[("train.output", t.output)], folders=[("train.metrics_dir", t.metrics_dir)])
     check_base_weights(cfg)
     tracking_uri = resolve_uri(cfg.tracking.tracking_uri, Path.cwd())

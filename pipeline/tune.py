@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.common import config_from_args, preflight, pyplot
 from pipeline.flags import int_at_least, positive_seconds, run_name
+from pipeline.study import load_study, open_storage, sqlite_file, storage_name
 from segevo.errors import UserError
 
 MAX_FAILURES_IN_A_ROW = 3  # a study whose trials keep failing is broken, not unlucky: stop instead of spinning
@@ -55,87 +56,11 @@ def run(args: argparse.Namespace) -> int:
     preflight(args, outputs=[("--write-profile", args.write_profile)], inputs=[("tune.storage", database)],
               folders=[] if args.report else [("tune.output", cfg.tune.output)])
     storage = open_storage(cfg.tune, create=not args.report)
-    study = _load_study(cfg.tune.study, storage) if args.report else optimize(cfg, storage, args.timeout)
+    study = load_study(cfg.tune.study, storage) if args.report else optimize(cfg, storage, args.timeout)
     print_report(study, storage_name(cfg.tune.storage))
     if args.write_profile:
         write_profile(cfg, study, Path(args.write_profile))
     return 0
-
-
-def storage_name(url: str) -> str:
-    """The URL with its password hidden, for messages."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def sqlite_file(url: str) -> str | None:
-    """The database file of a ``sqlite:///`` storage URL (None for other databases, memory, or a bad URL)."""
-    import sqlalchemy.exc
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        return None
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return parsed.database
-
-
-def open_storage(tune, create: bool = True) -> Any:
-    """The study's RDB storage with heartbeats; a bad or unreachable URL is a one-line error naming it. With
-    ``create=False`` (a read-only command) a SQLite file that does not exist is an error, not a new database."""
-    import optuna
-    import sqlalchemy.exc
-    from sqlalchemy.engine import make_url
-
-    try:
-        url = make_url(tune.storage)
-    except sqlalchemy.exc.ArgumentError:
-        raise UserError(f"tune.storage {tune.storage!r} is not a database URL (sqlite:///optuna.db, "
-                         "postgresql://user:password@host:5432/db)") from None
-    name = storage_name(tune.storage)
-    backend = url.get_backend_name()
-    if backend == "sqlite":
-        database = sqlite_file(tune.storage)
-        if database and not create and not Path(database).is_file():
-            raise UserError(f"tune.storage {name}: no study database at {database} (run 'segevo tune' first)")
-        if database:
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = {"connect_args": {"timeout": 60}}  # several processes write: wait for the lock, do not fail
-    elif backend in ("postgresql", "mysql"):
-        engine = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
-        if url.drivername == "postgresql":  # the driver we install, whatever SQLAlchemy's default for the scheme
-            url = url.set(drivername="postgresql+psycopg")
-    else:
-        raise UserError(f"tune.storage {name}: unsupported database {backend!r} (use sqlite or postgresql)")
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=tune.retries,
-                                                             inherit_intermediate_values=True)
-    attempts = 0
-    while True:
-        try:
-            return optuna.storages.RDBStorage(url.render_as_string(hide_password=False), engine_kwargs=engine,
-                                              heartbeat_interval=tune.heartbeat_s, grace_period=tune.grace_s,
-                                              heartbeat_stale_trial_callback=retry)
-        except ImportError as err:
-            raise UserError(f"tune.storage {name}: no database driver ({err})") from None
-        except sqlalchemy.exc.SQLAlchemyError as err:
-            reason = str(getattr(err, "orig", err) or err).strip().splitlines()[0]
-            attempts += 1
-            # Two processes creating the schema at once collide; a dead server does not get better by waiting.
-            if attempts == 5 or "connect" in reason.lower() or "authentication" in reason.lower():
-                raise UserError(f"tune.storage {name}: cannot open the study database: {reason}") from None
-            time.sleep(attempts)
-
-
-def _load_study(name: str, storage: Any) -> Any:
-    import optuna
-
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        raise UserError(f"no study {name!r} in {storage_name(storage.url)} (run 'segevo tune' first)") from None
 
 
 def _sampler(tune, trial_number: int = 0) -> Any:

@@ -72,12 +72,17 @@ def ws(tmp_path_factory) -> Path:
     (ws / "dup.yaml").write_text("model:\n  roi_size: [8, 32, 32]\nmodel: {}\n")
     (ws / "bool.yaml").write_text(yaml.safe_dump({**CFG, "adapters": {"experts": {"MRI": {"rank": True}}}}))
     (ws / "afile").write_text("not a folder")
+    (ws / "metrics").mkdir()
+    (ws / "metrics" / "eval.json").write_text(json.dumps(CFG))  # a config (JSON is YAML) where evaluate writes
+    (ws / "metrics" / "train.json").write_text(json.dumps(CFG))  # and where train writes
     config(ws, "out_dot.yaml", train={"output": "."})
     config(ws, "report_dot.yaml", evaluate={"report": "."})
     config(ws, "subset.yaml", train={"subset": "999"})
     config(ws, "root_file.yaml", data={"root": "afile"})
     config(ws, "nan_base.yaml", train={"base_weights": "nan.bin"})
     config(ws, "bad_storage.yaml", tune={"storage": "nonsense"})
+    config(ws, "junk_study.yaml", tune={"storage": "sqlite:///random.bin"})
+    config(ws, "dir_study.yaml", tune={"storage": "sqlite:///adapter"})
     data_root(ws, "list_manifest", lambda r: (r / "prep" / "manifest.json").write_text("[]"))
     data_root(ws, "row_manifest", lambda r: (r / "prep" / "manifest.json").write_text(
         json.dumps({"version": 1, "meta": {}, "cases": [{"source": 3}]})))
@@ -156,6 +161,8 @@ CASES: list[tuple[str, list[str]]] = [
     ("tune trials 0", ["tune", "--trials", "0"]),
     ("tune profile over the config", ["tune", "--report", "--write-profile", "tiny.yaml"]),
     ("tune bad storage", ["--config", "bad_storage.yaml", "tune", "--report"]),
+    ("tune study is not a database", ["--config", "junk_study.yaml", "tune", "--report"]),
+    ("tune study is a directory", ["--config", "dir_study.yaml", "tune", "--report"]),
     ("tune malformed split", ["--config", "bad_split.yaml", "tune"]),
     ("evaluate max-cases 0", ["evaluate", "--max-cases", "0"]),
     ("evaluate device", ["evaluate", "--device", "banana"]),
@@ -166,6 +173,9 @@ CASES: list[tuple[str, list[str]]] = [
                                           "--split", "train"]),
     ("evaluate NaN prepared image", ["--config", "nan_image.yaml", "evaluate", "--adapter", "adapter",
                                      "--split", "train"]),
+    ("evaluate metrics over the config", ["--config", "metrics/eval.json", "evaluate", "--adapter", "adapter",
+                                          "--split", "train"]),
+    ("train metrics over the config", ["--config", "metrics/train.json", "train"]),
     ("evaluate NaN weights", ["evaluate", "--adapter", "none", "--weights", "nan.bin", "--split", "train"]),
     ("download root is a file", ["--config", "root_file.yaml", "download"]),
     ("download unknown source", ["download", "--source", "nope"]),

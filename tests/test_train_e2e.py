@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,35 @@ def test_dead_tracking_server_warns_and_training_continues(tmp_path):
     out = train(tmp_path, cfg, "--run-id", "offline")
     assert "MLflow tracking disabled" in out.stdout + out.stderr
     assert (tmp_path / "adapter" / "adapters.json").is_file()
+
+
+def _status(tmp: Path, run_name: str) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("segevo").experiment_id],
+                                filter_string=f"tags.mlflow.runName = '{run_name}'")
+    return run.info.status
+
+
+def test_a_failed_run_ends_failed_and_a_stopped_one_killed(tmp_path):
+    """Never RUNNING forever: a worker that dies with no restart left fails the run; SIGTERM (what
+    ``ray job stop`` sends the driver) stops it as KILLED."""
+    write_prep(tmp_path / "data")
+    cfg = config(tmp_path, epochs=3, num_workers=1, max_failures=0)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+           "SEGEVO_FAULT_INJECT": f"{tmp_path / 'killed.txt'}:0"}
+    out = subprocess.run([SEGEVO, "--config", str(cfg), "train", "--run-id", "doomed"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode != 0 and (tmp_path / "killed.txt").is_file()
+    assert _status(tmp_path, "doomed") == "FAILED"
+    env.pop("SEGEVO_FAULT_INJECT")
+    cfg = config(tmp_path, epochs=50, num_workers=1)
+    proc = subprocess.Popen([SEGEVO, "--config", str(cfg), "train", "--run-id", "stopped"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "runs" / "stopped").glob("checkpoint_*")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    assert _status(tmp_path, "stopped") == "KILLED"

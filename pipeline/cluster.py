@@ -14,6 +14,7 @@ the autoscaler (``train.gpu_wait_s``) and then fails clearly instead of training
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -119,11 +120,13 @@ def check_shared_paths(uses: list[PathUse], timeout_s: float = 60.0) -> None:
         local.append(use)
     tokens: dict[str, str] = {}
     expected: dict[str, str] = {}
+    created: list[Path] = []  # folders made only to hold a token: removed again, a refused run leaves nothing
     name = f".segevo-shared-{uuid.uuid4().hex}"
     try:
         for use in local:
             if use.write:
                 folder = Path(use.path)
+                created += [p for p in (folder, *folder.parents) if not p.exists()]
                 try:
                     folder.mkdir(parents=True, exist_ok=True)
                     (folder / name).write_text(name)
@@ -152,6 +155,9 @@ def check_shared_paths(uses: list[PathUse], timeout_s: float = 60.0) -> None:
     finally:
         for path in tokens:
             (Path(path) / name).unlink(missing_ok=True)
+        for folder in sorted(set(created), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def tracking_paths(uri: str, configured: bool) -> list[PathUse]:

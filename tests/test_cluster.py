@@ -246,6 +246,8 @@ def test_a_killed_worker_node_resumes_from_its_last_checkpoint(cluster):
     (["train.allow_random_base=false", "train.base_weights=/var/tmp/segevo-missing/pytorch_model.bin"],
      "train.base_weights /var/tmp/segevo-missing/pytorch_model.bin"),
     (["tracking.tracking_uri=http://198.51.100.1:9"], "tracking.tracking_uri http://198.51.100.1:9"),
+    (["train.use_gpu=null"], "train.use_gpu is not set"),
+    (["train.use_gpu=true", "train.gpu_wait_s=3"], "the run needs 2 GPUs and the cluster had 0 after waiting 3 s"),
 ])
 def test_refusals_come_before_any_training(cluster, sets, message):
     c = cluster["cluster"]

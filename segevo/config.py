@@ -594,15 +594,22 @@ def with_values(cfg: SegevoConfig, values: dict[str, Any]) -> SegevoConfig:
         raise ConfigError(format_error("", err).removeprefix(": ")) from None
 
 
-def _locate(data: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
-    """The mapping holding the value of a dotted key, and the key's last part; unknown keys name what exists."""
+def _section(data: dict[str, Any], key: str, prefix: str) -> tuple[dict[str, Any], str]:
+    """The mapping that holds a dotted key's value, and the key's last part; a missing section is an error."""
     *parents, leaf = key.split(".")
     node = data
     for depth, part in enumerate(parents):
         if not isinstance(node.get(part), dict):
             where = ".".join(parents[:depth]) or "the config"
-            raise ConfigError(f"{key!r} is not a config key: {where} has no section {part!r}")
+            raise ConfigError(f"{prefix}not a config key: {where} has no section {part!r}")
         node = node[part]
+    return node, leaf
+
+
+def _locate(data: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
+    """The mapping holding the value of a dotted key, and the key's last part; unknown keys name what exists."""
+    node, leaf = _section(data, key, f"{key!r} is ")
+    parents = key.split(".")[:-1]
     if leaf not in node or key.startswith("tune."):
         known = ", ".join(k for k, v in node.items() if not isinstance(v, dict)) or ", ".join(node)
         raise ConfigError(f"{key!r} is not a tunable config key; {'.'.join(parents) or 'the config'} has: {known}")
@@ -699,13 +706,8 @@ def apply_overrides(cfg: SegevoConfig, overrides: list[str]) -> SegevoConfig:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {key}: value {text!r} is not valid YAML: {str(err).splitlines()[0]}") from None
-        *parents, leaf = key.split(".")
-        node = data
-        for depth, part in enumerate(parents):
-            if not isinstance(node.get(part), dict):
-                where = ".".join(parents[:depth]) or "the config"
-                raise ConfigError(f"--set {key}: not a config key ({where} has no section {part!r})")
-            node = node[part]
+        node, leaf = _section(data, key, f"--set {key}: ")
+        parents = key.split(".")[:-1]
         if leaf not in node and not (parents and _open_mapping(parents)):
             raise ConfigError(f"--set {key}: not a config key; {'.'.join(parents) or 'the config'} has: "
                               f"{', '.join(node)}")

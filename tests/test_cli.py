@@ -109,3 +109,31 @@ def test_model_summary_writes_the_json(tmp_path):
     assert summary["trainable_per_expert"] == {"CT": 0, "MRI": lora} and summary["trainable_priors"] == priors
     assert summary["trainable_parameters"] == lora + priors
     assert "expert MRI: lora r8 alpha 16" in out.stdout
+
+
+def _main(capsys, *argv: str) -> tuple[int, str, str]:
+    from pipeline.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_config_before_or_after_the_verb_and_set_on_every_verb(capsys, tmp_path):
+    before = _main(capsys, "--config", "params.yaml", "model", "summary")
+    assert before[0] == 0
+    assert _main(capsys, "model", "summary", "--config", "params.yaml") == before
+    assert _main(capsys, "model", "--config", "params.yaml", "summary") == before
+    code, out, _ = _main(capsys, "model", "summary", "--set", "priors.pool_size=2", "--set", "priors.dim=32")
+    assert code == 0 and "pool 2, dim 32" in out
+    code, out, _ = _main(capsys, "--set", "priors.pool_size=3", "model", "summary", "--set", "priors.pool_size=5")
+    assert code == 0 and "pool 5," in out, "the verb's --set comes after the front door's"
+    code, _, err = _main(capsys, "--config", "params.yaml", "model", "summary", "--config", "configs/full.yaml")
+    assert code == 2 and err.count("\n") == 1 and "--config given twice" in err
+    for bad, says in [("train.lrr=1", "--set train.lrr: not a config key; train has:"),
+                      ("nope.x=1", "--set nope.x: not a config key: the config has no section 'nope'"),
+                      ("train.epochs=0", "--set train.epochs: Input should be greater than 0"),
+                      ("adapters.experts.MRI.rank=true", "--set adapters.experts.MRI.rank:"),
+                      ("train.lr", "--set 'train.lr': expected KEY=VALUE")]:
+        code, _, err = _main(capsys, "weights", "check", str(tmp_path / "x.bin"), "--set", bad)
+        assert code == 1 and err.count("\n") == 1 and says in err, (bad, err)

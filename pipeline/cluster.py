@@ -109,15 +109,9 @@ def check_shared_paths(uses: list[PathUse], timeout_s: float = 60.0) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = alive_nodes()
-    local: list[PathUse] = []
-    for use in uses:
-        if is_uri(use.path):
-            continue
-        if not os.path.isabs(use.path):
-            raise ClusterError(f"{use.key} {use.path!r} is relative: on a cluster of {len(nodes)} nodes it would "
-                               f"resolve inside Ray's per-job copy of the working dir on each node; give an "
-                               f"absolute path on shared storage or a URI (s3://, gs://)")
-        local.append(use)
+    refuse_relative(uses, f"on a cluster of {len(nodes)} nodes it would resolve inside Ray's per-job copy of the "
+                          f"working dir on each node")
+    local = [use for use in uses if not is_uri(use.path)]
     tokens: dict[str, str] = {}
     expected: dict[str, str] = {}
     created: list[Path] = []  # folders made only to hold a token: removed again, a refused run leaves nothing
@@ -181,9 +175,25 @@ def tracking_paths(uri: str, configured: bool) -> list[PathUse]:
     return []
 
 
+def refuse_relative(uses: list[PathUse], why: str) -> None:
+    for use in uses:
+        if not is_uri(use.path) and not os.path.isabs(use.path):
+            raise ClusterError(f"{use.key} {use.path!r} is relative: {why}; give an absolute path on shared "
+                               f"storage or a URI (s3://, gs://)")
+
+
+def in_ray_job() -> bool:
+    """True in the driver of a ``ray job submit`` job: its working dir is Ray's temporary copy of the upload."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
 def check_cluster(cfg, writes: list[PathUse], reads: list[PathUse], tracking_uri: str) -> None:
     """Everything a multi-node run needs before it starts: an explicit GPU choice, shared paths, the tracking
-    store. A no-op on one node."""
+    store. On one node only the outputs of a submitted job are checked: relative ones would be written into
+    Ray's copy of the working dir, which is deleted with the job."""
+    if in_ray_job():
+        refuse_relative(writes, "under 'ray job submit' it would be written into Ray's temporary copy of the "
+                                "working dir, deleted with the job")
     if not is_multinode():
         return
     check_gpu_choice(cfg.train.use_gpu)

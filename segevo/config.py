@@ -419,12 +419,21 @@ class DataConfig(_Section):
 
 
 class SplitConfig(_Section):
-    """Patient-level split of the manifest and round-robin training subsets (``segevo split``)."""
+    """Leak-free split of the manifest and round-robin training subsets (``segevo split``).
+
+    ``official`` maps the lists a source publishes (its ``subset``: train / val / test) to splits, honoured
+    before any random draw (null: ignore them); ``segvol_seen: not_test`` keeps every patient or scan SegVol
+    was trained on (M3D-Seg train lists) out of the test split, ``allow`` lets it in. Fractions apply per source
+    to what the rules leave free.
+    """
 
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)
     seed: int = 0
     subsets: list[int] = Field(default_factory=lambda: [200, 400, 800])
+    official: dict[Literal["train", "val", "test"], Literal["train", "val", "test"]] | None = Field(
+        default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
+    segvol_seen: Literal["not_test", "allow"] = "not_test"
 
     @model_validator(mode="after")
     def _check(self) -> SplitConfig:

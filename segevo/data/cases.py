@@ -60,6 +60,7 @@ class Case:
     annotation: str = "manual"  # "model": the labels are a model's output, not a person's
     labels_present: tuple[str, ...] = ()
     origin: Path | None = None  # the file or DICOM folder this NIfTI was converted from
+    segvol_seen: bool = False  # listed for training in M3D-Seg, i.e. SegVol was trained on it
     notes: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:

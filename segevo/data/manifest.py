@@ -12,7 +12,9 @@ Each row says where the model-ready arrays are and how to map a prediction back 
 - ``shape`` (D, H, W) after the crop, ``raw_shape`` of the raw array, ``affine`` of the raw NIfTI (4x4),
   ``spacing`` (D, H, W) in mm;
 - ``classes`` in the unified vocabulary, ``voxels`` per class (for balanced sampling), provenance
-  (``raw_sha256``) and identity (``source``, ``case_id``, ``patient_id``, ``modality``);
+  (``raw_sha256``) and identity (``source``, ``case_id``, ``patient_id``, ``modality``), what the split must
+  honour (``subset``: the source's official list; ``segvol_seen``: in SegVol's training data), and the raw
+  image's intensity statistics per class (``intensity``, for the data summary);
 - ``notes``: what preprocessing decided for the case (the channel kept of a multi-channel image, voxels in
   several M3D-Seg channels, labelled voxels outside the foreground crop).
 
@@ -31,6 +33,7 @@ from segevo.io import atomic_write_json
 
 MANIFEST_VERSION = 1
 AXIS_ORDER = (2, 1, 0)
+INTENSITY_STATS = ("mean", "std", "p00_5", "p50", "p99_5")  # nnU-Net's fingerprint statistics
 
 
 class ManifestError(ValueError):
@@ -62,6 +65,9 @@ class PrepCase:
     axis_order: tuple[int, int, int] = AXIS_ORDER
     annotation: str = "manual"
     notes: tuple[str, ...] = ()  # what preprocessing had to decide: channel kept, overlaps, voxels cropped away
+    subset: str | None = None  # the source's official list (train / val / test), honoured by the split
+    segvol_seen: bool = False  # SegVol was trained on this scan (an M3D-Seg train list): never in test by default
+    intensity: dict[str, list[float]] = field(default_factory=dict)  # raw image per class: INTENSITY_STATS
 
     @property
     def key(self) -> str:
@@ -94,7 +100,7 @@ def read_manifest(path: str | Path) -> tuple[list[PrepCase], dict[str, Any]]:
         data = json.loads(path.read_text())
         if data.get("version") != MANIFEST_VERSION:
             raise ManifestError(f"{path}: manifest version {data.get('version')}, expected {MANIFEST_VERSION}")
-        cases = [PrepCase(**{k: _tupled(v) if k != "voxels" else v for k, v in row.items()})
+        cases = [PrepCase(**{k: _tupled(v) if k not in ("voxels", "intensity") else v for k, v in row.items()})
                  for row in data["cases"]]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ManifestError(f"{path}: malformed manifest: {err}") from None

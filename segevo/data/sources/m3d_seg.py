@@ -11,6 +11,9 @@ Several data sets re-package sources segevo also fetches directly (0002 AMOS, 00
 case folder keeps the original name (``spleen_2``, ``amos_0507``), the patient id is the one the direct
 source uses, so a patient-level split keeps both copies together. M3D-Seg labels all AMOS scans CT; ids above
 500 are MRI (see ``amos22``) and are listed as such, with a note.
+
+SegVol was trained on the train lists of every M3D-Seg data set: those cases are marked ``segvol_seen``, and
+the split keeps them, and every case of the same patient in another source, out of the test split.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from segevo.data.sources import amos22, msd
 from segevo.data.sources.base import Candidate, SourceContext, fetch_and_extract
 from segevo.data.vocabulary import label_map
 
-VERSION = 1
+VERSION = 2
 BASE_URL = "https://huggingface.co/datasets/GoodBaiBai88/M3D-Seg/resolve/main/M3D_Seg"
 META = {"licence": "per original data set (see the M3D-Seg dataset card)", "annotation": "manual",
         "homepage": "https://huggingface.co/datasets/GoodBaiBai88/M3D-Seg"}
@@ -94,4 +97,5 @@ def candidates(ctx: SourceContext) -> Iterator[Candidate]:
             patient, kind, notes = _identity(code, case, modality)
             yield Candidate(f"{code}_{case}", partial(
                 Case.from_source, ctx.name, f"{code}_{case}", patient, kind, path.parent.joinpath(*image_parts),
-                path.parent.joinpath(*label_parts), labels, format="m3d", subset=subset, notes=notes))
+                path.parent.joinpath(*label_parts), labels, format="m3d", subset=subset, notes=notes,
+                segvol_seen=subset == "train"))

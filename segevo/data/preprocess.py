@@ -16,7 +16,8 @@ Per case, as SegVol's training build and inference do it (reference/segvol.md se
    ``nearest-exact``) for labels and pseudo-masks, a documented deviation from SegVol's ``area`` mode.
 
 Pseudo-masks (SegVol's ``pseudo_mask_process.py``) run on the same normalised, *uncropped* image in raw array
-order: resized trilinearly to ``pseudomask.grid``, 3D Felzenszwalb-Huttenlocher, the ground truth painted on
+order: resized to ``pseudomask.grid`` with MONAI's default area mode (as SegVol's ``Resized``), 3D
+Felzenszwalb-Huttenlocher, the ground truth painted on
 top, then the clean-up; ``preprocess`` resizes the result back to the raw array by nearest neighbour and
 transposes and crops it like the image.
 
@@ -65,16 +66,20 @@ log = logging.getLogger(__name__)
 # SegVol's intensity and geometry transforms
 
 
-def foreground_normalize(image: np.ndarray) -> np.ndarray:
-    """SegVol's ``ForegroundNormalization`` (float32 in, float32 out, same arithmetic as its numpy code)."""
-    flat = image.ravel()
+def foreground_normalize(image: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """SegVol's ``ForegroundNormalization`` (float32 in, float32 out, same arithmetic as its numpy code).
+
+    Memory: the voxels above the mean are the one copy made (the percentiles partition it in place after the
+    order-sensitive mean and std); ``inplace`` clips into ``image`` itself instead of a new volume.
+    """
+    flat = image.ravel(order="K")  # no copy, whatever the memory order (nibabel's arrays are Fortran-ordered)
     foreground = flat[flat > np.mean(flat)]
     if foreground.size == 0:
         raise ValueError("image is constant (no voxel above the mean)")
-    lower, upper = np.percentile(foreground, [0.05, 99.95])
     mean, std = np.mean(foreground), np.std(foreground)
+    lower, upper = np.percentile(foreground, [0.05, 99.95], overwrite_input=True)
     del foreground
-    out = np.clip(image, lower.astype(image.dtype), upper.astype(image.dtype))
+    out = np.clip(image, lower.astype(image.dtype), upper.astype(image.dtype), out=image if inplace else None)
     out -= mean
     out /= max(std, 1e-8)
     return out
@@ -156,11 +161,15 @@ def read_image(path: str | os.PathLike[str], channel: int = 0) -> tuple[np.ndarr
     """A NIfTI image for inference: float32 in raw array order, one channel of a 4D file, finite; and the
     nibabel image (affine, header). Every problem is a :class:`CaseError` naming the file."""
     path = Path(path)
-    data, img = _read_nifti(path)
-    if data.ndim == 4:
-        if not 0 <= channel < data.shape[3]:
-            raise CaseError(f"{path}: channel {channel} is out of range (image has {data.shape[3]} channels)")
-        data = data[..., channel]
+
+    def pick(n: int) -> int:
+        if not 0 <= channel < n:
+            raise CaseError(f"{path}: channel {channel} is out of range (image has {n} channels)")
+        return channel
+
+    data, img = _read_nifti(path, pick)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
     if data.ndim != 3:
         raise CaseError(f"{path}: expected a 3D image, got shape {data.shape}")
     if min(data.shape) < 1:
@@ -211,13 +220,22 @@ def _unreadable(path: Path, kind: str, err: BaseException) -> CaseError:
     return CaseError(f"{path}: corrupt or truncated {kind} ({detail})")
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, Any]:
+def _read_nifti(path: Path, channel: Callable[[int], int] | None = None) -> tuple[np.ndarray, Any]:
+    """The voxels and the nibabel image. With ``channel`` (the image, not a label map) the result is float32
+    straight from the stored type (never the float64 that scaled NIfTI gives by default), and of a 4D file only
+    the channel ``channel(n_channels)`` picks is read."""
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
     try:
         img = nib.load(path)
-        return np.asanyarray(img.dataobj), img
+        if channel is None:
+            return np.asanyarray(img.dataobj), img
+        if len(img.shape) == 4 and img.shape[3] > 1:
+            return np.asarray(img.dataobj[..., channel(img.shape[3])], dtype=np.float32), img
+        return img.get_fdata(dtype=np.float32, caching="unchanged"), img
+    except CaseError:
+        raise
     except (ImageFileError, OSError, EOFError, zlib.error, ValueError, MemoryError) as err:
         raise _unreadable(path, "NIfTI", err) from None
 
@@ -227,7 +245,9 @@ def _to_float32(data: np.ndarray, path: Path) -> np.ndarray:
     overflow float32)."""
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise CaseError(f"{path}: voxel type {data.dtype} is not a real number")
-    image = data.astype(np.float32, order="C")  # nibabel's arrays are Fortran-ordered: one copy, here
+    image = data.astype(np.float32, copy=False)  # kept Fortran-ordered: SegVol's axis transpose makes it C
+    if not image.flags.writeable or isinstance(image, np.memmap):  # an uncompressed file mapped read-only
+        image = np.array(image, order="K")
     bad = image.size - int(np.count_nonzero(np.isfinite(image)))
     if bad:
         raise CaseError(f"{path}: {bad} NaN/Inf voxels")
@@ -272,15 +292,19 @@ def read_case(case: Case, channel: int | str = 0) -> RawVolume:
     """Read and check a case's image and label; every problem is a :class:`CaseError` naming the file."""
     if case.format == "m3d":
         return _read_m3d(case)
-    data, img = _read_nifti(case.image)
     notes: list[str] = []
-    if data.ndim == 4 and data.shape[3] == 1 and not case.channels:
-        data = data[..., 0]
-    if data.ndim == 4 and case.channels:
-        index, note = _pick_channel(case, channel, data.shape[3])
-        data = data[..., index]
+
+    def pick(n: int) -> int:
+        if not case.channels:
+            raise CaseError(f"{case.image}: expected a 3D image, got {n} channels (the case table declares none)")
+        index, note = _pick_channel(case, channel, n)
         notes.append(note)
-    elif data.ndim != 3:
+        return index
+
+    data, img = _read_nifti(case.image, pick)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
         declared = f" (the case table declares {len(case.channels)} channels)" if case.channels else ""
         raise CaseError(f"{case.image}: expected a 3D image, got shape {data.shape}{declared}")
     if min(data.shape) < 1:
@@ -349,38 +373,43 @@ def _read_m3d(case: Case) -> RawVolume:
     return RawVolume(image, label, np.eye(4), (1.0, 1.0, 1.0), True, channels=mask, notes=notes)
 
 
-def segvol_intensity(vol: RawVolume) -> np.ndarray:
+def segvol_intensity(vol: RawVolume, consume: bool = False) -> np.ndarray:
     """The image normalised SegVol's way in raw array order: foreground normalisation (unless stored so),
-    then min-max to [0, 1]."""
-    return normalise_intensity(vol.image, vol.normalised)
+    then min-max to [0, 1]. ``consume`` normalises ``vol.image`` in place and detaches it from ``vol``, so no
+    second full-size volume is ever alive (the per-worker memory bound of the stages)."""
+    if not consume:
+        return normalise_intensity(vol.image, vol.normalised)
+    image, vol.image = vol.image, None
+    return normalise_intensity(image, vol.normalised, inplace=True)
 
 
-def normalise_intensity(image: np.ndarray, normalised: bool) -> np.ndarray:
-    """:func:`segvol_intensity` for a bare array; the input is never modified."""
+def normalise_intensity(image: np.ndarray, normalised: bool, inplace: bool = False) -> np.ndarray:
+    """:func:`segvol_intensity` for a bare array; the input is modified only with ``inplace``."""
     try:
-        out = image if normalised else foreground_normalize(image)
+        out = image if normalised else foreground_normalize(image, inplace)
     except ValueError as err:
         raise CaseError(str(err)) from None
-    return minmax(out.copy() if out is image else out)
+    return minmax(out.copy() if out is image and not inplace else out)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The two per-case jobs
 
 
-def grid_channels(vol: RawVolume, label_map: dict[int, str], grid: Sequence[int]) -> np.ndarray:
+def grid_channels(vol: RawVolume, shape: Sequence[int], label_map: dict[int, str],
+                  grid: Sequence[int]) -> np.ndarray:
     """Binary ground truth (K, *grid), one channel per class-map value in order, resized by nearest neighbour."""
     values = sorted(label_map)
     grid = tuple(grid)
     if vol.channels is not None:  # M3D-Seg: the stored channels, overlaps and all
         mask = vol.channels
         out = np.zeros((max(values) if values else 0, *grid), dtype=bool)
-        index = np.ix_(*(nearest_index(n, m) for n, m in zip(vol.image.shape, grid, strict=True)))
-        dense = np.zeros(vol.image.size, dtype=bool)
+        index = np.ix_(*(nearest_index(n, m) for n, m in zip(shape, grid, strict=True)))
+        dense = np.zeros(int(np.prod(shape)), dtype=bool)
         for k in range(min(mask.shape[0], out.shape[0])):
             dense[:] = False
             dense[mask.indices[mask.indptr[k]:mask.indptr[k + 1]]] = True
-            out[k] = dense.reshape(vol.image.shape)[index]
+            out[k] = dense.reshape(tuple(shape))[index]
         return out
     small = resize_nearest(vol.label, grid)
     return np.stack([small == v for v in values]) if values else np.zeros((0, *grid), dtype=bool)
@@ -388,14 +417,15 @@ def grid_channels(vol: RawVolume, label_map: dict[int, str], grid: Sequence[int]
 
 def pseudo_mask(case: Case, cfg: PseudoMaskConfig, channel: int | str = 0) -> tuple[np.ndarray, dict[str, Any]]:
     """SegVol's pseudo-mask of one labelled case: int16 ids on ``cfg.grid`` (raw array order), -1 = none."""
-    from segevo.data.pseudomask import cleanse_pseudo_label, pseudomask_case
+    from segevo.data.pseudomask import cleanse_pseudo_label, pseudomask_case, resize_area
 
     if case.label is None:
         raise CaseError(f"{case.key}: has no label; pseudo-masks need the ground truth painted on top")
     vol = read_case(case, channel)
     grid = tuple(cfg.grid)
-    image = resize_linear(segvol_intensity(vol), grid)
-    channels = grid_channels(vol, case.label_map, grid)
+    shape = vol.image.shape
+    image = resize_area(segvol_intensity(vol, consume=True), grid)
+    channels = grid_channels(vol, shape, case.label_map, grid)
     del vol
     raw = pseudomask_case(image, channels, cfg)
     cleaned = cleanse_pseudo_label(raw, cfg.cleanup_fraction)
@@ -434,10 +464,11 @@ def prepare_arrays(case: Case, roi: Sequence[int], channel: int | str = 0,
         raise CaseError(f"{case.key}: has no label")
     vol = read_case(case, channel)
     raw_shape = vol.image.shape
-    image = to_segvol_axes(segvol_intensity(vol))
-    start, end = foreground_box(image)
+    full = to_segvol_axes(segvol_intensity(vol, consume=True))
+    start, end = foreground_box(full)
     box = _box(start, end)
-    image = np.ascontiguousarray(image[box])
+    image = np.ascontiguousarray(full[box])
+    del full  # from here on only the cropped volume is alive
     classes = tuple(case.label_map[v] for v in sorted(case.label_map))
     if len(classes) > 255:
         raise CaseError(f"{case.key}: {len(classes)} classes do not fit a uint8 label map")
@@ -764,7 +795,8 @@ def _prep_job(case: Case, roi: tuple[int, ...], channel: int | str, pseudo_path:
                    zoom_label=f"{rel}/zoom_label.npy", locations=f"{rel}/locations.npy",
                    pseudo=f"{rel}/pseudo.npy" if pseudo is not None else None,
                    zoom_pseudo=f"{rel}/zoom_pseudo.npy" if pseudo is not None else None,
-                   raw_sha256=case.image_sha256, annotation=case.annotation, **fields)
+                   raw_sha256=case.image_sha256, annotation=case.annotation, subset=case.subset,
+                   segvol_seen=case.segvol_seen, **fields)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     old = None
@@ -797,7 +829,7 @@ def _reuse_prep(folder: Path, fingerprint: str) -> PrepCase | None:
             return None
         from segevo.data.manifest import _tupled
 
-        row = PrepCase(**{k: _tupled(v) if k != "voxels" else v for k, v in meta["row"].items()})
+        row = PrepCase(**{k: _tupled(v) if k not in ("voxels", "intensity") else v for k, v in meta["row"].items()})
     except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
         return None
     root = folder.parent.parent

@@ -355,7 +355,8 @@ class PreprocessConfig(_Section):
     """``segevo pseudomask`` and ``segevo preprocess``: how many processes, and which channel of a multi-channel
     image (MSD BraTS: FLAIR, T1w, t1gd, T2w) to keep: an index, or a sequence name as the case table lists it.
 
-    ``workers`` (default: one per CPU core) changes no output, so the DVC stages do not depend on it.
+    ``workers`` (default: one per CPU core, fewer when the available memory cannot hold that many of the run's
+    largest volume, see ``segevo.data.resources``) changes no output, so the DVC stages do not depend on it.
     """
 
     workers: int | None = Field(None, ge=1)

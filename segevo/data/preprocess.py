@@ -51,6 +51,7 @@ from tqdm import tqdm
 from segevo.config import PseudoMaskConfig, SegevoConfig
 from segevo.data.cases import Case, CaseError, m3d_mask_shape, read_case_table
 from segevo.data.manifest import AXIS_ORDER, PrepCase, write_manifest
+from segevo.data.resources import memory_bound_workers
 from segevo.data.vocabulary import LabelError, check_labels
 from segevo.io import atomic_write_json, atomic_write_npy, current_umask
 
@@ -233,11 +234,37 @@ def _read_nifti(path: Path, channel: Callable[[int], int] | None = None) -> tupl
             return np.asanyarray(img.dataobj), img
         if len(img.shape) == 4 and img.shape[3] > 1:
             return np.asarray(img.dataobj[..., channel(img.shape[3])], dtype=np.float32), img
-        return img.get_fdata(dtype=np.float32, caching="unchanged"), img
+        return _scaled_float32(img.dataobj), img
     except CaseError:
         raise
     except (ImageFileError, OSError, EOFError, zlib.error, ValueError, MemoryError) as err:
         raise _unreadable(path, "NIfTI", err) from None
+
+
+def _scaled_float32(proxy: Any) -> np.ndarray:
+    """The scaled voxels as float32 with the values of nibabel's float64 ``get_fdata`` cast to float32 (what
+    MONAI's reader gives SegVol), computed one slice at a time: peak = stored array + the float32 result, not
+    the stored array + a float64 volume + its float32 copy."""
+    stored = np.asanyarray(proxy.get_unscaled())
+    if stored.dtype.kind not in "iuf":  # complex, RGB, bool: refused by the caller with its own message
+        return stored
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    if slope == 1 and inter == 0 and stored.dtype.kind == "f" and stored.dtype.itemsize <= 4:
+        return stored.astype(np.float32, copy=False)
+    out = np.empty(stored.shape, dtype=np.float32)  # C order: the pseudo-mask resize needs no other copy
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, reported as such by the caller
+        for i in range(stored.shape[0]):
+            out[i] = stored[i] * slope + inter  # float64 arithmetic per slab, as get_fdata does
+    return out
+
+
+def value_counts(array: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """``np.bincount(array.ravel())`` for a non-negative integer volume, a slice at a time: bincount widens its
+    input to int64, 8 bytes per voxel, twice a float32 CT."""
+    counts = np.zeros(max(minlength, int(array.max(initial=0)) + 1), dtype=np.int64)
+    for k in range(array.shape[-1]):
+        counts += np.bincount(array[..., k].ravel(order="K"), minlength=counts.size)
+    return counts
 
 
 def _to_float32(data: np.ndarray, path: Path) -> np.ndarray:
@@ -245,7 +272,7 @@ def _to_float32(data: np.ndarray, path: Path) -> np.ndarray:
     overflow float32)."""
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise CaseError(f"{path}: voxel type {data.dtype} is not a real number")
-    image = data.astype(np.float32, copy=False)  # kept Fortran-ordered: SegVol's axis transpose makes it C
+    image = data.astype(np.float32, copy=False)  # in its memory order: no copy for what _read_nifti made
     if not image.flags.writeable or isinstance(image, np.memmap):  # an uncompressed file mapped read-only
         image = np.array(image, order="K")
     bad = image.size - int(np.count_nonzero(np.isfinite(image)))
@@ -285,7 +312,7 @@ def _integer_labels(label: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarr
             return label, np.unique(label)
         label = label.astype(np.uint8 if high <= 255 else np.uint16, order="C")
     label = np.ascontiguousarray(label)
-    return label, np.flatnonzero(np.bincount(label.ravel()))
+    return label, np.flatnonzero(value_counts(label))
 
 
 def read_case(case: Case, channel: int | str = 0) -> RawVolume:
@@ -477,7 +504,7 @@ def prepare_arrays(case: Case, roi: Sequence[int], channel: int | str = 0,
         lut[value] = i + 1
     raw_label = to_segvol_axes(vol.label)
     label = lut[raw_label[box]]
-    counts = np.bincount(label.ravel(), minlength=len(classes) + 1)
+    counts = value_counts(label, minlength=len(classes) + 1)
     voxels = {name: int(counts[i + 1]) for i, name in enumerate(classes)}
     lost = int(np.count_nonzero(raw_label)) - int(counts[1:].sum())
     notes = list(vol.notes)
@@ -560,13 +587,6 @@ def _case_identity(case: Case, base: Path) -> dict[str, Any]:
     return {"key": case.key, "format": case.format, "image_sha256": case.image_sha256,
             "label_map": {str(k): v for k, v in sorted(case.label_map.items())}, "channels": list(case.channels),
             "files": files, "stats": _file_stats(case.image, case.label)}
-
-
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -755,7 +775,7 @@ def run_pseudomask(cfg: SegevoConfig, workers: int | None = None, force: bool = 
     index = root / PSEUDO_INDEX
     if jobs:
         index.unlink(missing_ok=True)  # never an index naming masks of two different runs
-    n = workers or cfg.preprocess.workers or default_workers()
+    n = workers or cfg.preprocess.workers or memory_bound_workers(job[2][0] for job in jobs)
     skipped = _run_jobs(jobs, n, "pseudomask", cfg.data.skip_bad_cases, outputs.__setitem__)
     keep = {root / k.split("/", 1)[0] / f"{k.split('/', 1)[1]}{ext}" for k in outputs for ext in (".npy", ".json")}
     _prune(root, keep | {index}, "*/*.*")
@@ -873,7 +893,7 @@ def run_preprocess(cfg: SegevoConfig, workers: int | None = None, force: bool = 
     manifest = root / MANIFEST
     if jobs:
         manifest.unlink(missing_ok=True)  # a manifest never describes arrays of two different runs
-    n = workers or cfg.preprocess.workers or default_workers()
+    n = workers or cfg.preprocess.workers or memory_bound_workers(job[2][0] for job in jobs)
     skipped = _run_jobs(jobs, n, "preprocess", cfg.data.skip_bad_cases, outputs.__setitem__)
     _prune(root, {root / k for k in outputs} | {manifest}, "*/*")
     meta = {"code": code, **params, "pseudomask": index.get("pseudomask"), "axis_order": list(AXIS_ORDER),

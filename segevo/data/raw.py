@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from segevo.config import DataConfig
 from segevo.data.cases import Case, CaseError, CaseTable, validate, write_case_table
 from segevo.data.fetch import cache_dir
 from segevo.data.formats import FormatError
+from segevo.data.resources import cores
 from segevo.data.sources import get_source
-from segevo.data.sources.base import SourceContext
+from segevo.data.sources.base import Candidate, SourceContext
 from segevo.data.vocabulary import LabelError
 from segevo.io import atomic_write_json
 
@@ -95,15 +97,26 @@ def prepare_source(name: str, cfg: DataConfig, force: bool = False) -> SourceRes
     cases: list[Case] = []
     skipped: list[dict[str, str]] = []
     found = list(module.candidates(ctx))
-    for cand in tqdm(found, desc=f"{name}: checking cases", unit="case", disable=None, leave=False):
+
+    def check(cand: Candidate) -> Case | BaseException:
         try:
-            cases.append(validate(cand.build()))
+            return validate(cand.build())
         except bad as err:
-            message = f"{name}/{cand.case_id}: {err}"
+            return err
+
+    # hashing (hashlib) and reading NIfTI (zlib) release the GIL: threads check several cases at once
+    with ThreadPoolExecutor(max_workers=min(cores(), 8)) as pool:
+        checked = list(tqdm(pool.map(check, found), total=len(found), desc=f"{name}: checking cases",
+                            unit="case", disable=None, leave=False))
+    for cand, outcome in zip(found, checked, strict=True):
+        if isinstance(outcome, Case):
+            cases.append(outcome)
+        else:
+            message = f"{name}/{cand.case_id}: {outcome}"
             if not cfg.skip_bad_cases:
                 raise CaseError(f"{message} (set data.skip_bad_cases: true to leave such cases out)") from None
             log.warning("skipped %s", message)
-            skipped.append({"source": name, "case_id": cand.case_id, "reason": str(err)})
+            skipped.append({"source": name, "case_id": cand.case_id, "reason": str(outcome)})
     if not cases:
         raise CaseError(f"{name}: no usable case found under {ctx.dest}")
     ids = [c.case_id for c in cases]

@@ -209,4 +209,4 @@ def validate(case: Case) -> Case:
     present = _check_nifti(case) if case.format == "nifti" else _check_m3d(case)
     if case.label is not None and not present:
         raise CaseError(f"{case.label}: label map is empty (no structure labelled)")
-    return dataclasses.replace(case, labels_present=tuple(present))
+    return dataclasses.replace(case, labels_present=tuple(dict.fromkeys(present)))  # merged classes: once

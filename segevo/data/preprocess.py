@@ -496,12 +496,12 @@ def prepare_arrays(case: Case, roi: Sequence[int], channel: int | str = 0,
     box = _box(start, end)
     image = np.ascontiguousarray(full[box])
     del full  # from here on only the cropped volume is alive
-    classes = tuple(case.label_map[v] for v in sorted(case.label_map))
+    classes = tuple(dict.fromkeys(case.label_map[v] for v in sorted(case.label_map)))  # merged values: one class
     if len(classes) > 255:
         raise CaseError(f"{case.key}: {len(classes)} classes do not fit a uint8 label map")
     lut = np.zeros(max(case.label_map) + 1, dtype=np.uint8)
-    for i, value in enumerate(sorted(case.label_map)):
-        lut[value] = i + 1
+    for value, name in case.label_map.items():
+        lut[value] = classes.index(name) + 1
     raw_label = to_segvol_axes(vol.label)
     label = lut[raw_label[box]]
     counts = value_counts(label, minlength=len(classes) + 1)
@@ -732,7 +732,8 @@ def table_path(cfg: SegevoConfig) -> Path:
 
 
 def pseudo_params(cfg: SegevoConfig) -> dict[str, Any]:
-    return {"pseudomask": cfg.pseudomask.model_dump(mode="json"), "channel": cfg.preprocess.channel}
+    return {"pseudomask": cfg.pseudomask.model_dump(mode="json"), "channel": cfg.preprocess.channel,
+            "channels": cfg.preprocess.channels}
 
 
 def _pseudo_job(case: Case, cfg: PseudoMaskConfig, channel: int | str, out: Path, fingerprint: str,
@@ -771,7 +772,8 @@ def run_pseudomask(cfg: SegevoConfig, workers: int | None = None, force: bool = 
             outputs[case.key] = done
         else:
             meta = {"source": case.source, "case_id": case.case_id, "raw_sha256": case.image_sha256, **params}
-            jobs.append((case.key, _pseudo_job, (case, cfg.pseudomask, cfg.preprocess.channel, out, fp, meta)))
+            jobs.append((case.key, _pseudo_job, (case, cfg.pseudomask, cfg.preprocess.channel_for(case.key), out,
+                                                 fp, meta)))
     index = root / PSEUDO_INDEX
     if jobs:
         index.unlink(missing_ok=True)  # never an index naming masks of two different runs
@@ -859,7 +861,8 @@ def _reuse_prep(folder: Path, fingerprint: str) -> PrepCase | None:
 
 
 def prep_params(cfg: SegevoConfig) -> dict[str, Any]:
-    return {"roi_size": list(cfg.model.roi_size), "channel": cfg.preprocess.channel}
+    return {"roi_size": list(cfg.model.roi_size), "channel": cfg.preprocess.channel,
+            "channels": cfg.preprocess.channels}
 
 
 def run_preprocess(cfg: SegevoConfig, workers: int | None = None, force: bool = False) -> StageReport:
@@ -888,8 +891,8 @@ def run_preprocess(cfg: SegevoConfig, workers: int | None = None, force: bool = 
             outputs[case.key] = done
         else:
             pseudo_path = pseudo_dir(cfg) / entry["path"] if entry else None
-            jobs.append((case.key, _prep_job, (case, tuple(cfg.model.roi_size), cfg.preprocess.channel,
-                                               pseudo_path, folder, fp)))
+            jobs.append((case.key, _prep_job, (case, tuple(cfg.model.roi_size),
+                                               cfg.preprocess.channel_for(case.key), pseudo_path, folder, fp)))
     manifest = root / MANIFEST
     if jobs:
         manifest.unlink(missing_ok=True)  # a manifest never describes arrays of two different runs

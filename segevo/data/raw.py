@@ -8,6 +8,7 @@ not finish.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import zlib
@@ -25,7 +26,7 @@ from segevo.data.formats import FormatError
 from segevo.data.resources import cores
 from segevo.data.sources import get_source
 from segevo.data.sources.base import Candidate, SourceContext
-from segevo.data.vocabulary import LabelError
+from segevo.data.vocabulary import LabelError, canonical
 from segevo.io import atomic_write_json
 
 MARKER = ".segevo-source.json"
@@ -55,7 +56,26 @@ def raw_dir(cfg: DataConfig) -> Path:
 def _fingerprint(name: str, cfg: DataConfig) -> dict[str, Any]:
     module = get_source(name)
     return {"source": name, "version": module.VERSION, "options": module.options(cfg),
-            "skip_bad_cases": cfg.skip_bad_cases}
+            "skip_bad_cases": cfg.skip_bad_cases, "merge": cfg.merge.get(name, {})}
+
+
+def merge_classes(case: Case, merge: dict[str, list[str]]) -> Case:
+    """The case with the classes of each ``merge`` entry (target name -> names, in the unified vocabulary)
+    renamed to its target: several label values then share one name, and preprocessing makes them one class."""
+    rename = {canonical(old): canonical(new) for new, olds in merge.items() for old in olds}
+    if not rename:
+        return case
+    label_map = {value: rename.get(name, name) for value, name in case.label_map.items()}
+    return dataclasses.replace(case, label_map=label_map)
+
+
+def _check_merge(name: str, merge: dict[str, list[str]], classes: set[str]) -> None:
+    """A merge naming a class the source does not have is a typo, not a no-op."""
+    for target, olds in merge.items():
+        unknown = [old for old in olds if canonical(old) not in classes]
+        if unknown:
+            raise CaseError(f"data.merge.{name}.{target}: {unknown} are not classes of {name} "
+                            f"(it has: {', '.join(sorted(classes))})")
 
 
 def _load_marker(name: str, cfg: DataConfig) -> SourceResult | None:
@@ -98,9 +118,14 @@ def prepare_source(name: str, cfg: DataConfig, force: bool = False) -> SourceRes
     skipped: list[dict[str, str]] = []
     found = list(module.candidates(ctx))
 
+    merge = cfg.merge.get(name, {})
+    classes: set[str] = set()
+
     def check(cand: Candidate) -> Case | BaseException:
         try:
-            return validate(cand.build())
+            case = cand.build()
+            classes.update(case.label_map.values())
+            return validate(merge_classes(case, merge))
         except bad as err:
             return err
 
@@ -119,6 +144,7 @@ def prepare_source(name: str, cfg: DataConfig, force: bool = False) -> SourceRes
             skipped.append({"source": name, "case_id": cand.case_id, "reason": str(outcome)})
     if not cases:
         raise CaseError(f"{name}: no usable case found under {ctx.dest}")
+    _check_merge(name, merge, classes)
     ids = [c.case_id for c in cases]
     if len(set(ids)) != len(ids):
         raise CaseError(f"{name}: case ids are not unique: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")

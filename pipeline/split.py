@@ -4,6 +4,7 @@ the rules moved and why (see ``segevo.data.split``)."""
 from __future__ import annotations
 
 import argparse
+import io
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +15,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("--manifest", help="default: <data.root>/prep/manifest.json")
     p.add_argument("--out", help="default: <data.root>/split.json")
+    p.add_argument("--summary", default="metrics/data_summary",
+                   help="data summary path without suffix: .csv (table), .json (per split counts), .png (plot)")
     p.set_defaults(run=run)
 
 
@@ -52,4 +55,51 @@ def run(args: argparse.Namespace) -> int:
         away = f" instead of {move['from']}" if move["from"] else ""
         print(f"moved {', '.join(move['cases'])} -> {move['to']}{away} [{move['rule']}]: {move['why']}")
     print(f"wrote {out}")
+    write_summary(Path(args.summary), cases, splits)
     return 0
+
+
+def write_summary(base: Path, cases: list, splits: dict[str, list[str]]) -> None:
+    """The nnU-Net-style data summary (``segevo.data.summary``) as a table, per-split counts and a plot."""
+    from pipeline.common import csv_bytes
+    from segevo.data.summary import COLUMNS, data_summary
+    from segevo.io import atomic_write_bytes, atomic_write_json
+
+    rows = data_summary(cases, splits)
+    atomic_write_bytes(base.with_suffix(".csv"), csv_bytes(rows, list(COLUMNS)))
+    by_key = {c.key: c for c in cases}
+    counts = {split: {"cases": len(keys), **dict(sorted(Counter(
+        f"{by_key[k].source}/{by_key[k].modality}" for k in keys).items()))} for split, keys in splits.items()}
+    atomic_write_json(base.with_suffix(".json"), counts)
+    _plot(base.with_suffix(".png"), rows, counts)
+    print(f"wrote {base.with_suffix('.csv')}, .json and .png ({len(rows)} rows)")
+
+
+def _plot(path: Path, rows: list[dict], counts: dict[str, dict[str, int]]) -> None:
+    """Cases per source/modality and split (left); each class's raw intensity range p0.5-p99.5 with its mean
+    (right, all cases)."""
+    from pipeline.common import pyplot
+    from segevo.io import atomic_write_bytes
+
+    plt = pyplot()
+    groups = sorted({g for c in counts.values() for g in c if g != "cases"})
+    every = [r for r in rows if r["split"] == "all"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, max(3.0, 0.3 * max(len(every), len(groups)) + 1.5)))
+    height = 0.8 / max(len(counts), 1)
+    for i, (split, c) in enumerate(counts.items()):
+        left.barh([j + i * height for j in range(len(groups))], [c.get(g, 0) for g in groups], height,
+                  label=split)
+    left.set_yticks([j + 0.4 - height / 2 for j in range(len(groups))], groups)
+    left.set_xlabel("cases")
+    left.legend()
+    labels = [f"{r['source']}/{r['modality']}: {r['class']}" for r in every]
+    for j, r in enumerate(every):
+        right.plot([r["p00_5"], r["p99_5"]], [j, j], color="tab:blue")
+        right.plot([r["mean"]], [j], "o", color="tab:orange", markersize=3)
+    right.set_yticks(range(len(every)), labels, fontsize=7)
+    right.set_xlabel("raw intensity (p0.5 to p99.5, dot: mean)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

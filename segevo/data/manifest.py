@@ -33,7 +33,6 @@ from segevo.io import atomic_write_json
 
 MANIFEST_VERSION = 1
 AXIS_ORDER = (2, 1, 0)
-INTENSITY_STATS = ("mean", "std", "p00_5", "p50", "p99_5")  # nnU-Net's fingerprint statistics
 
 
 class ManifestError(ValueError):
@@ -67,7 +66,8 @@ class PrepCase:
     notes: tuple[str, ...] = ()  # what preprocessing had to decide: channel kept, overlaps, voxels cropped away
     subset: str | None = None  # the source's official list (train / val / test), honoured by the split
     segvol_seen: bool = False  # SegVol was trained on this scan (an M3D-Seg train list): never in test by default
-    intensity: dict[str, list[float]] = field(default_factory=dict)  # raw image per class: INTENSITY_STATS
+    # raw image per class: [voxels, sum, sum of squares, p0.5, p50, p99.5] (segevo.data.summary)
+    intensity: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:

@@ -52,6 +52,7 @@ from segevo.config import PseudoMaskConfig, SegevoConfig
 from segevo.data.cases import Case, CaseError, m3d_mask_shape, read_case_table
 from segevo.data.manifest import AXIS_ORDER, PrepCase, write_manifest
 from segevo.data.resources import memory_bound_workers
+from segevo.data.summary import case_intensity, intensity_stats
 from segevo.data.vocabulary import LabelError, check_labels
 from segevo.io import atomic_write_json, atomic_write_npy, current_umask
 
@@ -491,6 +492,7 @@ def prepare_arrays(case: Case, roi: Sequence[int], channel: int | str = 0,
         raise CaseError(f"{case.key}: has no label")
     vol = read_case(case, channel)
     raw_shape = vol.image.shape
+    intensity = case_intensity(intensity_stats(vol.image, vol.label, case.label_map), case.label_map)
     full = to_segvol_axes(segvol_intensity(vol, consume=True))
     start, end = foreground_box(full)
     box = _box(start, end)
@@ -530,7 +532,7 @@ def prepare_arrays(case: Case, roi: Sequence[int], channel: int | str = 0,
     fields = {"classes": classes, "shape": tuple(int(s) for s in image.shape), "raw_shape": tuple(raw_shape),
               "crop_start": start, "crop_end": end, "spacing": spacing,
               "affine": tuple(tuple(float(x) for x in row) for row in vol.affine), "voxels": voxels,
-              "notes": tuple(notes)}
+              "notes": tuple(notes), "intensity": intensity}
     return arrays, fields
 
 
@@ -875,7 +877,7 @@ def run_preprocess(cfg: SegevoConfig, workers: int | None = None, force: bool = 
     pseudo_skipped = {f"{s['source']}/{s['case_id']}" for s in index.get("skipped", [])}
     root = prep_dir(cfg)
     params = prep_params(cfg)
-    code = code_fingerprint("segevo.data.preprocess", "segevo.data.manifest")
+    code = code_fingerprint("segevo.data.preprocess", "segevo.data.manifest", "segevo.data.summary")
     outputs: dict[str, PrepCase] = {}
     jobs = []
     for case in _by_size(cases):

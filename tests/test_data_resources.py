@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from segevo.data.cases import Case
-from segevo.data.preprocess import _read_nifti, read_case, value_counts
+from segevo.data.preprocess import _read_nifti, read_case
 from segevo.data.resources import PEAK_FACTOR, WORKER_BASE, memory_bound_workers, volume_bytes
+from segevo.data.volumes import value_counts
 
 
 def scaled_ct(path, shape=(20, 16, 12), slope=0.37, inter=-1024.3) -> np.ndarray:

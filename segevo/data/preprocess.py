@@ -54,6 +54,7 @@ from segevo.data.manifest import AXIS_ORDER, PrepCase, write_manifest
 from segevo.data.resources import memory_bound_workers
 from segevo.data.summary import case_intensity, intensity_stats
 from segevo.data.vocabulary import LabelError, check_labels
+from segevo.data.volumes import scaled_float32, value_counts
 from segevo.io import atomic_write_json, atomic_write_npy, current_umask
 
 VERSION = 1  # bump when the outputs change for a reason the code fingerprint cannot see (a library upgrade)
@@ -235,37 +236,11 @@ def _read_nifti(path: Path, channel: Callable[[int], int] | None = None) -> tupl
             return np.asanyarray(img.dataobj), img
         if len(img.shape) == 4 and img.shape[3] > 1:
             return np.asarray(img.dataobj[..., channel(img.shape[3])], dtype=np.float32), img
-        return _scaled_float32(img.dataobj), img
+        return scaled_float32(img.dataobj), img
     except CaseError:
         raise
     except (ImageFileError, OSError, EOFError, zlib.error, ValueError, MemoryError) as err:
         raise _unreadable(path, "NIfTI", err) from None
-
-
-def _scaled_float32(proxy: Any) -> np.ndarray:
-    """The scaled voxels as float32 with the values of nibabel's float64 ``get_fdata`` cast to float32 (what
-    MONAI's reader gives SegVol), computed one slice at a time: peak = stored array + the float32 result, not
-    the stored array + a float64 volume + its float32 copy."""
-    stored = np.asanyarray(proxy.get_unscaled())
-    if stored.dtype.kind not in "iuf":  # complex, RGB, bool: refused by the caller with its own message
-        return stored
-    slope, inter = float(proxy.slope), float(proxy.inter)
-    if slope == 1 and inter == 0 and stored.dtype.kind == "f" and stored.dtype.itemsize <= 4:
-        return stored.astype(np.float32, copy=False)
-    out = np.empty(stored.shape, dtype=np.float32)  # C order: the pseudo-mask resize needs no other copy
-    with np.errstate(over="ignore"):  # values beyond float32 become inf, reported as such by the caller
-        for i in range(stored.shape[0]):
-            out[i] = stored[i] * slope + inter  # float64 arithmetic per slab, as get_fdata does
-    return out
-
-
-def value_counts(array: np.ndarray, minlength: int = 0) -> np.ndarray:
-    """``np.bincount(array.ravel())`` for a non-negative integer volume, a slice at a time: bincount widens its
-    input to int64, 8 bytes per voxel, twice a float32 CT."""
-    counts = np.zeros(max(minlength, int(array.max(initial=0)) + 1), dtype=np.int64)
-    for k in range(array.shape[-1]):
-        counts += np.bincount(array[..., k].ravel(order="K"), minlength=counts.size)
-    return counts
 
 
 def _to_float32(data: np.ndarray, path: Path) -> np.ndarray:
@@ -763,7 +738,7 @@ def run_pseudomask(cfg: SegevoConfig, workers: int | None = None, force: bool = 
     cases, unlabelled = _labelled(table.cases)
     root = pseudo_dir(cfg)
     params = pseudo_params(cfg)
-    code = code_fingerprint("segevo.data.pseudomask", "segevo.data.preprocess")
+    code = code_fingerprint("segevo.data.pseudomask", "segevo.data.preprocess", "segevo.data.volumes")
     outputs: dict[str, Any] = {}
     jobs = []
     for case in _by_size(cases):
@@ -877,7 +852,8 @@ def run_preprocess(cfg: SegevoConfig, workers: int | None = None, force: bool = 
     pseudo_skipped = {f"{s['source']}/{s['case_id']}" for s in index.get("skipped", [])}
     root = prep_dir(cfg)
     params = prep_params(cfg)
-    code = code_fingerprint("segevo.data.preprocess", "segevo.data.manifest", "segevo.data.summary")
+    code = code_fingerprint("segevo.data.preprocess", "segevo.data.manifest", "segevo.data.summary",
+                            "segevo.data.volumes")
     outputs: dict[str, PrepCase] = {}
     jobs = []
     for case in _by_size(cases):

@@ -117,7 +117,7 @@ def split_cases(cases: Iterable[SplitCase], val_fraction: float, test_fraction: 
     supplied = _supplied(cases, official)
     out: dict[str, list[str]] = {s: [] for s in SPLITS}
     result = SplitResult(out)
-    free: dict[str, list[tuple[list[SplitCase], set[str]]]] = defaultdict(list)
+    free: dict[str, list[tuple[list[SplitCase], set[str], list[str]]]] = defaultdict(list)  # group, allowed, seen
 
     def move(group: list[SplitCase], rule: str, to: str, why: str, away: str | None = None) -> None:
         result.moves.append({"cases": [c.key for c in group], "rule": rule, "from": away, "to": to, "why": why})
@@ -162,13 +162,6 @@ def split_cases(cases: Iterable[SplitCase], val_fraction: float, test_fraction: 
             out[target].extend(c.key for c in group)
     result.splits = {s: sorted(keys) for s, keys in out.items()}
     return result
-
-
-def split_patients(cases: Iterable[tuple[str, str, str]], val_fraction: float, test_fraction: float,
-                   seed: int) -> dict[str, list[str]]:
-    """``cases`` are (key, source, patient_id) with patient ids scoped per source; split name -> sorted keys."""
-    rows = [SplitCase(key, source, f"{source}/{patient}") for key, source, patient in cases]
-    return split_cases(rows, val_fraction, test_fraction, seed, official=None).splits
 
 
 def round_robin_subset(keys: Sequence[str], n: int, seed: int) -> list[str]:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 # verb -> (module, one-line help). Only verbs that work are listed.
 VERBS: dict[str, tuple[str, str]] = {
     "download": ("pipeline.download", "fetch the raw data sources and write the case table"),
-    "pseudomask": ("pipeline.pseudomask", "SegVol's FH pseudo-masks with the ground truth painted on top"),
+    "pseudomask": ("pipeline.pseudomask", "SegVol's FH pseudo-masks, ground truth painted on top"),
     "preprocess": ("pipeline.preprocess", "SegVol-faithful model-ready arrays and the manifest"),
     "split": ("pipeline.split", "patient-level train/val/test split and balanced subsets"),
     "train": ("pipeline.train", "fine-tune with Ray Train + DeepSpeed, tracked in MLflow"),
@@ -22,21 +23,65 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+class UsageError(Exception):
+    """A flag the parser rejected; reported as one line (exit 2) like every other user error."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints its usage block and exits; here a bad flag is one line naming it, and ``main`` returns 2
+    instead of exiting, so the front door behaves the same when called in process. Sub-parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="segevo",
         description="Adapt SegVol to new modalities: data, training, evaluation and inference.",
     )
-    parser.add_argument("--config", metavar="YAML",
-                        help="config profile (default: $SEGEVO_CONFIG, else ./params.yaml, else built-in defaults)")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
     for verb, (module, help_text) in VERBS.items():
         importlib.import_module(module).add_parser(sub, verb, help_text)
+    _add_config_options(parser, top=True)
     return parser
 
 
+def _add_config_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """``--config`` and ``--set`` on the front door and on every verb (and sub-verb), so that both
+    ``segevo --config X train`` and ``segevo train --config X`` work; verb-level values are kept apart from the
+    front door's (argparse would otherwise let one overwrite the other) and joined by ``parse_args``."""
+    where = "top" if top else "verb"
+    parser.add_argument("--config", dest=f"config_{where}", metavar="YAML", default=None if top else argparse.SUPPRESS,
+                        help="config profile (default: $SEGEVO_CONFIG, else ./params.yaml, else built-in defaults)")
+    parser.add_argument("--set", dest=f"sets_{where}", metavar="KEY=VALUE", action="append",
+                        default=[] if top else argparse.SUPPRESS,
+                        help="override a config key, e.g. --set train.lr=3e-4 (repeatable; YAML values)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_config_options(child, top=False)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed flags with ``config`` (the one profile named, before or after the verb) and ``sets`` (every
+    ``--set``, front door first)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    top, verb = args.config_top, getattr(args, "config_verb", None)
+    if top is not None and verb is not None and top != verb:
+        parser.error(f"--config given twice ({top} before the verb, {verb} after it): give one profile")
+    args.config = verb or top
+    args.sets = [*args.sets_top, *getattr(args, "sets_verb", [])]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except UsageError as err:
+        print(f"segevo: error: {err}", file=sys.stderr)
+        return 2
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

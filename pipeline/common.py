@@ -5,22 +5,58 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from segevo.config import SegevoConfig, load_config
+from segevo.config import SegevoConfig, apply_overrides, load_config
+from segevo.errors import UserError
+from segevo.guard import Named
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[SegevoConfig, str]:
-    """The config named by ``--config``, else ``$SEGEVO_CONFIG``, else ``params.yaml``, else the defaults."""
-    path = args.config or os.environ.get("SEGEVO_CONFIG")
+    """The config named by ``--config``, else ``$SEGEVO_CONFIG``, else ``params.yaml``, else the defaults, with
+    every ``--set KEY=VALUE`` applied (validated by the same schema)."""
+    path = config_file(args)
+    cfg = load_config(path)
+    sets = list(getattr(args, "sets", None) or [])
+    source = str(path) if path is not None else "built-in defaults"
+    if sets:
+        cfg = apply_overrides(cfg, sets)
+        source += " with --set " + " ".join(sets)
+    return cfg, source
+
+
+def config_file(args: argparse.Namespace) -> str | None:
+    """The config file a verb reads (an input no output may overwrite), or None for the built-in defaults."""
+    path = getattr(args, "config", None) or os.environ.get("SEGEVO_CONFIG")
     if path is None and os.path.isfile("params.yaml"):
         path = "params.yaml"
-    if path is None:
-        return load_config(None), "built-in defaults"
-    return load_config(path), str(path)
+    return path
+
+
+def preflight(args: argparse.Namespace, outputs: Iterable[Named] = (), inputs: Iterable[Named] = (),
+              folders: Iterable[Named] = (), replaced: Iterable[Named] = ()) -> None:
+    """The output pre-flight of every verb (:func:`segevo.guard.preflight`), with the config file always among
+    the inputs: run before any work, so a bad output costs nothing and overwrites nothing."""
+    from segevo.guard import preflight as check
+
+    check(outputs, [("--config", config_file(args)), *inputs], folders, replaced)
+
+
+def torch_device(name: str | None) -> Any:
+    """``--device`` opened: default cuda when available; an absent GPU is a one-line error, not a traceback."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise UserError(f"--device {name}: not available (this machine has {count} CUDA devices)")
+    return device
 
 
 def print_part_table(counts: dict[str, int]) -> None:
@@ -32,14 +68,17 @@ def print_part_table(counts: dict[str, int]) -> None:
 def prepared_data(cfg: SegevoConfig) -> tuple[Path, list, dict]:
     """The data root, the manifest's cases and the split: what training and evaluation start from, checked
     before any model or Ray start-up is paid."""
-    from segevo.data.manifest import read_manifest
+    from segevo.data.manifest import check_prep_arrays, read_manifest
+    from segevo.data.split import read_split
 
     root = Path(cfg.data.root)
     cases, _ = read_manifest(root / "prep" / "manifest.json")
-    split_path = root / "split.json"
-    if not split_path.is_file():
-        raise FileNotFoundError(f"{split_path}: no split (run 'segevo split' first)")
-    return root, cases, json.loads(split_path.read_text())
+    split = read_split(root / "split.json", known=[c.key for c in cases])
+    subset = cfg.train.subset
+    if subset is not None and subset not in split["subsets"]:
+        raise UserError(f"train.subset {subset!r}: {root / 'split.json'} has subsets {sorted(split['subsets'])}")
+    check_prep_arrays(cases, root / "prep")
+    return root, cases, split
 
 
 def csv_bytes(rows: list[dict[str, Any]], fields: list[str]) -> bytes:

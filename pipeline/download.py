@@ -7,7 +7,7 @@ import logging
 import sys
 from collections import Counter
 
-from pipeline.common import config_from_args
+from pipeline.common import config_from_args, preflight
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from segevo.data.raw import download_sources
 
     cfg, source = config_from_args(args)
+    preflight(args, folders=[("data.root", cfg.data.root)])
     _log_to_stderr()
     path, results, missing = download_sources(cfg.data, only=args.source, force=args.force)
     for r in results:

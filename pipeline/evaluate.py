@@ -10,16 +10,18 @@ Everything is also logged to the training run in MLflow.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.common import config_from_args, csv_bytes, prepared_data
+from pipeline.common import config_from_args, csv_bytes, preflight, prepared_data, torch_device
+from pipeline.flags import device, int_at_least, run_name
+from segevo.errors import UserError
 
 METRICS = Path("metrics")
+EVAL_FILES = ("eval.json", "eval_per_class.csv", "eval_cases.csv", "eval_classes.csv")
 HEADLINE = ("text+point", "text", "point", "box", "text+box", "box+point")
 
 
@@ -28,9 +30,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("--adapter", help="adapter checkpoint folder (default: train.output); 'none' for plain SegVol")
     p.add_argument("--weights", help="base SegVol checkpoint (default: train.base_weights, else the adapter's)")
     p.add_argument("--split", choices=("test", "val", "train"), help="default: evaluate.split")
-    p.add_argument("--max-cases", type=int, help="evaluate at most this many cases")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--run-id", help="MLflow run to log to (default: the training run in metrics/train.json)")
+    p.add_argument("--max-cases", type=int_at_least(1), help="evaluate at most this many cases")
+    p.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--run-id", type=run_name,
+                   help="MLflow run to log to (default: the training run in metrics/train.json)")
     p.set_defaults(run=run)
 
 
@@ -39,20 +42,20 @@ def _cases(cfg, split_name: str, max_cases: int | None) -> tuple[Path, list]:
     split_path = root / "split.json"
     keys = split.get(split_name, [])
     if not keys:
-        raise ValueError(f"{split_path}: the {split_name!r} split is empty ({len(split.get('train', []))} training "
+        raise UserError(f"{split_path}: the {split_name!r} split is empty ({len(split.get('train', []))} training "
                          "cases): set evaluate.split or raise split.test_fraction")
     by_key = {c.key: c for c in cases}
     missing = [k for k in keys if k not in by_key]
     if missing:
-        raise ValueError(f"{split_path}: case {missing[0]} is not in the manifest (rerun 'segevo split')")
+        raise UserError(f"{split_path}: case {missing[0]} is not in the manifest (rerun 'segevo split')")
     chosen = [by_key[k] for k in keys]
     return root / "prep", chosen[:max_cases] if max_cases else chosen
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
+    from segevo.data.manifest import read_prep_array
     from segevo.evaluation import Sample, evaluate_case
     from segevo.inference import ZoomInference, load_for_inference
 
@@ -62,19 +65,26 @@ def run(args: argparse.Namespace) -> int:
     prep, cases = _cases(cfg, split_name, args.max_cases or e.max_cases)
     adapter = None if args.adapter == "none" else (args.adapter or cfg.train.output)
     if adapter is None and not (args.weights or cfg.train.base_weights):
-        raise ValueError("--adapter none evaluates plain SegVol: give its weights (--weights or train.base_weights)")
+        raise UserError("--adapter none evaluates plain SegVol: give its weights (--weights or train.base_weights)")
     if adapter is not None and not Path(adapter).is_dir():
-        raise FileNotFoundError(f"{adapter}: no adapter checkpoint (run 'segevo train', or pass --adapter none)")
-    model = load_for_inference(cfg.model, adapter, args.weights or cfg.train.base_weights)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        raise UserError(f"{adapter}: no adapter checkpoint (run 'segevo train', or pass --adapter none)")
+    weights = args.weights or cfg.train.base_weights
+    data = Path(cfg.data.root)
+    preflight(args, inputs=[("--adapter", adapter), ("--weights", weights),
+                            ("manifest", data / "prep" / "manifest.json"), ("split", data / "split.json")],
+              outputs=[("metrics file", METRICS / name) for name in EVAL_FILES],
+              folders=[("metrics folder", METRICS)], replaced=[("evaluate.report", e.report)])
+    device = torch_device(args.device)
+    run_id = args.run_id or _training_run_id()
+    model = load_for_inference(cfg.model, adapter, weights)
     zoom = ZoomInference(model.to(device), cfg.inference, device)
     overlay_prompt = next(p for p in HEADLINE if p in e.prompts)
     rows: list[dict] = []
     overlays: list[dict] = []
     start = time.perf_counter()
-    for i, case in enumerate(tqdm(cases, desc="evaluate", unit="case")):
-        image = np.load(case.path(prep, "image")).astype(np.float32)
-        label = np.load(case.path(prep, "label"))
+    for i, case in enumerate(tqdm(cases, desc="evaluate", unit="case", disable=None)):
+        image = read_prep_array(case, prep, "image").astype(np.float32)
+        label = read_prep_array(case, prep, "label")
         want = i < e.overlays
 
         def keep(s: Sample, want: bool = want) -> bool:
@@ -85,14 +95,14 @@ def run(args: argparse.Namespace) -> int:
         if kept:
             overlays.append(_overlay_case(case, image, label, kept))
     if not rows:
-        raise ValueError(f"no (case, class) to evaluate in the {split_name!r} split: check evaluate.classes")
+        raise UserError(f"no (case, class) to evaluate in the {split_name!r} split: check evaluate.classes")
     seconds = time.perf_counter() - start
     summary = summarise_all(rows, cfg, split_name, adapter, seconds, device)
     write_outputs(rows, summary)
     from pipeline.report import write_report
 
     report = write_report(Path(e.report), rows, summary, overlays, model, cfg)
-    _log_to_mlflow(cfg, args.run_id, summary, report)
+    _log_to_mlflow(cfg, run_id, summary, report)
     head = summary["headline"]
     print(f"evaluated {summary['cases']} cases, {summary['samples']} samples in {seconds:.1f} s; "
           f"{head['prompt']} Dice {head['dice']:.3f} [{head['dice_lo']:.3f}, {head['dice_hi']:.3f}], "
@@ -157,12 +167,23 @@ def write_outputs(rows: list[dict], summary: dict) -> None:
     atomic_write_json(METRICS / "eval.json", metrics)
 
 
+def _training_run_id() -> str | None:
+    """The MLflow run of the last training (``metrics/train.json``), read before the work so a malformed file
+    is a one-line error naming it, not a traceback after the evaluation."""
+    from segevo.io import read_json
+
+    train = METRICS / "train.json"
+    if not train.exists():
+        return None
+    run_id = read_json(train, "training summary").get("run_id")
+    if run_id is not None and not isinstance(run_id, str):
+        raise UserError(f"{train}: 'run_id' must be a string, got {type(run_id).__name__}")
+    return run_id
+
+
 def _log_to_mlflow(cfg, run_id: str | None, summary: dict, report: Path) -> None:
     from pipeline.tracking import Tracker, resolve_uri
 
-    if run_id is None:
-        train = METRICS / "train.json"
-        run_id = json.loads(train.read_text()).get("run_id") if train.is_file() else None
     if run_id is None:
         print("no training run to log to (no metrics/train.json and no --run-id): MLflow logging skipped")
         return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.common import config_from_args, print_part_table
+from pipeline.common import config_from_args, preflight, print_part_table
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -21,6 +21,7 @@ def run_summary(args: argparse.Namespace) -> int:
     from segevo.model.adapted import AdaptedSegVol
 
     cfg, source = config_from_args(args)
+    preflight(args, outputs=[("--out", args.out)])
     model = SegVol(cfg.model)
     counts = model.parameter_counts()
     adapted = AdaptedSegVol(model, cfg.adapters, cfg.priors)

@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.common import config_from_args
+from pipeline.common import config_from_args, preflight
+from pipeline.flags import int_at_least
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -24,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
 
 
 def add_stage_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, metavar="N",
+    p.add_argument("--workers", type=int_at_least(1), metavar="N",
                    help="parallel processes (default: preprocess.workers, else one per CPU core)")
     p.add_argument("--force", action="store_true", help="recompute every case, even those that are up to date")
 
@@ -47,11 +48,6 @@ def shown(path: Path) -> str:
         return str(path)
 
 
-def check_workers(value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"--workers {value}: must be at least 1")
-
-
 def print_report(stage: str, report, unit: str = "cases") -> None:
     parts = [f"{report.computed} computed", f"{report.reused} up to date"]
     if report.skipped:
@@ -66,8 +62,8 @@ def print_report(stage: str, report, unit: str = "cases") -> None:
 def run(args: argparse.Namespace) -> int:
     from segevo.data.preprocess import run_preprocess
 
-    check_workers(args.workers)
     cfg, source = config_from_args(args)
+    preflight(args, folders=[("data.root", cfg.data.root)])
     log_to_stderr()
     report = run_preprocess(cfg, workers=args.workers, force=args.force)
     print_report("preprocess", report)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.common import config_from_args
-from pipeline.preprocess import add_stage_options, check_workers, log_to_stderr, print_report, shown
+from pipeline.common import config_from_args, preflight
+from pipeline.preprocess import add_stage_options, log_to_stderr, print_report, shown
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -25,8 +25,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
 def run(args: argparse.Namespace) -> int:
     from segevo.data.preprocess import run_pseudomask
 
-    check_workers(args.workers)
     cfg, source = config_from_args(args)
+    preflight(args, folders=[("data.root", cfg.data.root)])
     log_to_stderr()
     report = run_pseudomask(cfg, workers=args.workers, force=args.force)
     print_report("pseudomask", report)

@@ -8,7 +8,7 @@ import io
 from collections import Counter
 from pathlib import Path
 
-from pipeline.common import config_from_args
+from pipeline.common import config_from_args, preflight
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -29,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
     root = Path(cfg.data.root)
     manifest = Path(args.manifest) if args.manifest else root / "prep" / "manifest.json"
     out = Path(args.out) if args.out else root / "split.json"
+    summary_base = Path(args.summary)
+    tables = [("--summary", summary_base.with_suffix(x)) for x in (".csv", ".json", ".png")]
+    preflight(args, outputs=[("--out", out), *tables], inputs=[("--manifest", manifest)])
     cases, _ = read_manifest(manifest)
     s = cfg.split
     result = split_cases([SplitCase(c.key, c.source, c.patient_id, c.subset, c.segvol_seen, c.raw_sha256)
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         away = f" instead of {move['from']}" if move["from"] else ""
         print(f"moved {', '.join(move['cases'])} -> {move['to']}{away} [{move['rule']}]: {move['why']}")
     print(f"wrote {out}")
-    write_summary(Path(args.summary), cases, splits)
+    write_summary(summary_base, cases, splits)
     return 0
 
 

@@ -1,7 +1,11 @@
-"""MLflow tracking that never takes training down: an unreachable or failing store warns once and goes quiet.
+"""MLflow tracking that never takes training down: requests go through MLflow's own retry and backoff, and a
+request that still fails warns and is dropped (the next one is tried again).
 
 One MLflow run per training run, named by ``run_id``; a resumed run (same ``run_id``) continues the same
-MLflow run. The default store is a SQLite file in the repo (MLflow 3 refuses the plain file store).
+MLflow run; a run that fails or is stopped ends FAILED or KILLED, not RUNNING forever. The default store is a
+SQLite file in the repo (MLflow 3 refuses the plain file store); a cluster uses one server for the driver and
+every rank. System metrics come from every node: rank 0 logs them with the run, and the first rank of every
+other node attaches its own monitor to the same run under its node id (``system/<node>/...``).
 """
 
 from __future__ import annotations
@@ -29,53 +33,69 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+# MLflow's own retry policy for every request of a run (the user's environment wins): 5 retries with
+# exponential backoff (2, 4, 8, 16, 32 s) ride out a server restart; each attempt times out after 30 s.
+RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+MAX_WARNINGS = 5
+
+
+def retry_env() -> dict[str, str]:
+    """The retry settings in force, for the driver's own use and for every Ray worker's environment."""
+    return {k: os.environ.get(k, v) for k, v in RETRY_ENV.items()}
+
+
+def check_server(uri: str) -> None:
+    """One TCP connection to an ``http(s)`` tracking server, in seconds: a dead server at the start is an error
+    the caller decides about (a cluster run refuses to start; one machine warns)."""
+    if urlparse(uri).scheme in ("http", "https"):
+        from segevo.net import check_reachable
+
+        check_reachable(uri, "start the tracking server or fix tracking.tracking_uri", timeout=3.0)
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, Any] | None = None,
-                 system_metrics: bool = False):
+                 system_metrics: bool = False, node_id: str | None = None):
         self.active = False
-        self._warned = False
+        self.run_id: str | None = None
+        self._warnings = 0
         try:
-            self._reachable(uri)
+            check_server(uri)
+            os.environ.update(retry_env())
             import mlflow
 
             self._mlflow = mlflow
             mlflow.set_tracking_uri(uri)
+            if node_id is not None:
+                mlflow.set_system_metrics_node_id(node_id)
             exp = mlflow.set_experiment(experiment)
             found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{run_name}'",
                                        max_results=1, output_format="list")
             if found:
-                mlflow.start_run(run_id=found[0].info.run_id, log_system_metrics=system_metrics)
+                run = mlflow.start_run(run_id=found[0].info.run_id, log_system_metrics=system_metrics)
             else:
-                mlflow.start_run(run_name=run_name, log_system_metrics=system_metrics)
+                run = mlflow.start_run(run_name=run_name, log_system_metrics=system_metrics)
                 if params:
                     mlflow.log_params(flatten(params))
+            self.run_id = run.info.run_id
             self.active = True
         except Exception as err:  # tracking is best effort by design
             self._warn(f"MLflow tracking disabled ({uri}): {_first_line(err)}")
 
-    @staticmethod
-    def _reachable(uri: str) -> None:
-        """Fail in seconds on a dead server instead of MLflow's minutes of retries."""
-        url = urlparse(uri)
-        if url.scheme in ("http", "https"):
-            from segevo.net import check_reachable
-
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-            check_reachable(uri, "start the tracking server or fix tracking.tracking_uri", timeout=3.0)
-
     def _warn(self, message: str) -> None:
-        if not self._warned:
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-            self._warned = True
-        self.active = False
+        """A failed request (after MLflow's retries) is dropped with a warning; tracking goes on."""
+        self._warnings += 1
+        if self._warnings <= MAX_WARNINGS:
+            suffix = " (further MLflow warnings are not shown)" if self._warnings == MAX_WARNINGS else ""
+            warnings.warn(message + suffix, RuntimeWarning, stacklevel=3)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.active:
             try:
                 self._mlflow.log_metrics({_metric_name(k): float(v) for k, v in metrics.items()}, step=step)
             except Exception as err:
-                self._warn(f"MLflow logging failed, continuing without it: {_first_line(err)}")
+                self._warn(f"MLflow logging failed at step {step}, training goes on: {_first_line(err)}")
 
     def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
         if self.active:
@@ -87,12 +107,54 @@ class Tracker:
             except Exception as err:
                 self._warn(f"MLflow artifact upload failed, continuing without it: {_first_line(err)}")
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run as FINISHED, FAILED or KILLED."""
         if self.active:
             try:
-                self._mlflow.end_run()
+                self._mlflow.end_run(status=status)
             except Exception as err:
                 self._warn(f"MLflow end_run failed: {_first_line(err)}")
+            self.active = False
+
+
+class NodeMetrics:
+    """System metrics of one more node, logged into an existing run under ``system/<node_id>/...``."""
+
+    def __init__(self, uri: str, run_id: str, node_id: str):
+        self._monitor = None
+        try:
+            os.environ.update(retry_env())
+            from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(run_id, sampling_interval=MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get()
+                                                 or 10, resume_logging=True, node_id=node_id, tracking_uri=uri)
+            self._monitor.start()
+        except Exception as err:
+            warnings.warn(f"MLflow system metrics of node {node_id} disabled: {_first_line(err)}", RuntimeWarning,
+                          stacklevel=2)
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+
+
+def end_run(uri: str, experiment: str, run_name: str, status: str) -> None:
+    """Mark a training run FAILED or KILLED from the driver (its workers died or were stopped); best effort."""
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return
+        for run in client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{run_name}'", max_results=1):
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status)
+    except Exception as err:
+        warnings.warn(f"MLflow: could not mark run {run_name} {status}: {_first_line(err)}", RuntimeWarning,
+                      stacklevel=2)
 
 
 class StudyRuns:
@@ -108,7 +170,8 @@ class StudyRuns:
         self._warned = False
         self._study = study
         try:
-            Tracker._reachable(uri)
+            check_server(uri)
+            os.environ.update(retry_env())
             from mlflow import MlflowClient
 
             self._client = MlflowClient(tracking_uri=uri)

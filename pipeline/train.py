@@ -18,22 +18,22 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import config_from_args, csv_bytes, prepared_data, pyplot
-
-METRICS = Path("metrics")
+from pipeline.common import config_from_args, csv_bytes, pyplot
+from pipeline.flags import int_at_least, run_name
+from pipeline.launch import ends_run_on_failure, launch, prepare, storage_uri
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
-    p.add_argument("--num-workers", type=int, help="Ray Train workers (default: train.num_workers)")
+    p.add_argument("--num-workers", type=int_at_least(1), help="Ray Train workers (default: train.num_workers)")
     gpu = p.add_mutually_exclusive_group()
     gpu.add_argument("--use-gpu", dest="use_gpu", action="store_const", const=True, default=None)
     gpu.add_argument("--no-gpu", dest="use_gpu", action="store_const", const=False)
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--run-id", help="names the Ray run and the MLflow run; reuse it to resume")
+    p.add_argument("--run-id", type=run_name, help="names the Ray run and the MLflow run; reuse it to resume")
     p.add_argument("--storage-path", help="where Ray keeps checkpoints (shared storage on a cluster)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--epochs", type=int_at_least(1))
+    p.add_argument("--steps-per-epoch", type=int_at_least(1))
     p.set_defaults(run=run)
 
 
@@ -44,92 +44,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in keys.items() if v is not None}
 
 
-def training_data(cfg) -> tuple[Path, dict]:
-    """The data root and the split, checked before any Ray start-up is paid."""
-    root, _, split = prepared_data(cfg)
-    return root, split
-
-
 def run(args: argparse.Namespace) -> int:
-    from segevo.config import SegevoConfig
+    from segevo.config import parse_config
 
     cfg, source = config_from_args(args)
-    train = cfg.train.model_copy(update=_overrides(args))
-    cfg = SegevoConfig.model_validate({**cfg.model_dump(), "train": train.model_dump()})
-    root, split = training_data(cfg)
+    train = {**cfg.train.model_dump(), **_overrides(args)}
+    cfg = parse_config({**cfg.model_dump(), "train": train}, f"{source} with the command line")
     run_id = cfg.train.run_id or time.strftime("run-%Y%m%d-%H%M%S")
-    storage = storage_uri(cfg)
-    from pipeline.tracking import resolve_uri
-
-    tracking_uri = resolve_uri(cfg.tracking.tracking_uri, Path.cwd())
-    result, timings = launch(cfg, root.resolve(), split, run_id, storage, tracking_uri)
-    export(cfg, result, run_id, tracking_uri, timings)
+    root, split, tracking_uri, timings = prepare(cfg, args)
+    with ends_run_on_failure(cfg, run_id, tracking_uri):
+        result, fit = launch(cfg, root, split, run_id, storage_uri(cfg), tracking_uri)
+        export(cfg, result, run_id, tracking_uri, {**timings, **fit})
     return 0
-
-
-def storage_uri(cfg) -> str:
-    """``train.storage_path`` as Ray wants it: a cloud URI as is, a local folder absolute."""
-    storage = cfg.train.storage_path
-    return storage if "://" in storage else str(Path(storage).resolve())
-
-
-def ensure_ray(cfg) -> float:
-    """Join ``train.ray_address``/``RAY_ADDRESS`` or start a local Ray, once per process; the seconds it took."""
-    import ray
-
-    start = time.perf_counter()
-    if not ray.is_initialized():
-        address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on loopback
-            ray.init(include_dashboard=False, log_to_driver=True,
-                     runtime_env={"env_vars": _worker_env()})
-    return time.perf_counter() - start
-
-
-def launch(cfg, root: Path, split: dict, run_id: str, storage: str, tracking_uri: str,
-           relay: Any = None) -> tuple[Any, dict]:
-    """One Ray Train run. With a ``relay`` (``segevo tune``) every epoch's report goes to the driver, and the
-    workers wait for its verdict before the next epoch, so a pruned trial stops at the epoch it was pruned."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    t = cfg.train
-    ray_init_s = ensure_ray(cfg)
-    callbacks = []
-    if relay is not None:
-        from pipeline.report_relay import ForwardReports
-
-        callbacks.append(ForwardReports(relay))
-    use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    resources = dict(t.resources_per_worker) or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "root": str(root), "split": split,
-                           "run_id": run_id, "tracking_uri": tracking_uri, "relay": relay,
-                           "fault": os.environ.get("SEGEVO_FAULT_INJECT")},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=run_id, storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_dice",
-                                               checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            callbacks=callbacks,
-        ),
-    )
-    fit_start = time.perf_counter()
-    result = trainer.fit()
-    return result, {"ray_init_s": round(ray_init_s, 2), "fit_s": round(time.perf_counter() - fit_start, 2),
-                    "use_gpu": use_gpu, "num_workers": t.num_workers}
-
-
-def _worker_env() -> dict[str, str]:
-    keep = ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "MPLCONFIGDIR", "DS_ACCELERATOR")
-    return {k: os.environ[k] for k in keep if k in os.environ}
 
 
 def _worker(config: dict) -> None:
@@ -143,8 +69,6 @@ def _worker(config: dict) -> None:
     from segevo.config import SegevoConfig
     from segevo.data.dataset import task_vocabulary
     from segevo.data.manifest import read_manifest
-    from segevo.io import atomic_write_json
-    from segevo.model.adapter_io import save_adapters
 
     cfg = SegevoConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
@@ -171,12 +95,49 @@ def _worker(config: dict) -> None:
         progress = training.Progress(**client["progress"])
         print(f"[rank {rank}] resumed after epoch {progress.epoch}")
 
-    tracker = None
-    if rank == 0:
-        from pipeline.tracking import Tracker
+    node = ray.util.get_node_ip_address()
+    print(f"[rank {rank}] on node {node}", flush=True)
+    tracker, node_metrics = _tracking(config, cfg, ctx, node)
+    try:
+        _epochs(config, cfg, engine, loaders, model, progress, tracker, device, dtype, rank, world)
+    except BaseException:
+        if tracker is not None:
+            tracker.close("FAILED")  # a restarted worker group continues the run (RUNNING again)
+        raise
+    finally:
+        if node_metrics is not None:
+            node_metrics.close()
+    if tracker is not None:
+        tracker.close()
 
-        tracker = Tracker(config["tracking_uri"], cfg.tracking.experiment, config["run_id"],
-                          params=config["cfg"], system_metrics=cfg.tracking.system_metrics)
+
+def _tracking(config: dict, cfg, ctx: Any, node: str) -> tuple[Any, Any]:
+    """Rank 0 logs the run; the first rank of every other node attaches that node's system metrics to it."""
+    import torch.distributed as dist
+
+    from pipeline.tracking import NodeMetrics, Tracker
+
+    tracker = None
+    if ctx.get_world_rank() == 0:
+        tracker = Tracker(config["tracking_uri"], cfg.tracking.experiment, config["run_id"], params=config["cfg"],
+                          system_metrics=cfg.tracking.system_metrics, node_id=node)
+    if not (cfg.tracking.system_metrics and dist.is_initialized() and dist.get_world_size() > 1):
+        return tracker, None
+    shared = [tracker.run_id if tracker is not None else None]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] is None or ctx.get_local_rank() != 0 or ctx.get_node_rank() == 0:
+        return tracker, None
+    return tracker, NodeMetrics(config["tracking_uri"], shared[0], node)
+
+
+def _epochs(config: dict, cfg, engine: Any, loaders: Any, model: Any, progress: Any, tracker: Any,
+            device: Any, dtype: Any, rank: int, world: int) -> None:
+    import ray.train
+
+    from segevo import training
+    from segevo.io import atomic_write_json
+    from segevo.model.adapter_io import save_adapters
+
     for epoch in range(progress.epoch + 1, cfg.train.epochs):
         _maybe_inject_fault(config.get("fault"), epoch, rank, world)
         stats = training.train_epoch(engine, loaders, cfg, epoch, device, dtype)
@@ -201,8 +162,6 @@ def _worker(config: dict) -> None:
         if progress.should_stop(cfg.train.early_stopping_patience):
             print(f"[rank {rank}] early stop: no val_dice gain for {progress.stale_epochs} epochs")
             break
-    if tracker is not None:
-        tracker.close()
 
 
 def _stop_requested(relay: Any, epoch: int, rank: int) -> bool:
@@ -234,13 +193,15 @@ def _maybe_inject_fault(spec: str | None, epoch: int, rank: int, world: int) -> 
         os._exit(1)
 
 
-def export(cfg, result: Any, run_id: str, tracking_uri: str, timings: dict, metrics_dir: Path = METRICS) -> dict:
+def export(cfg, result: Any, run_id: str, tracking_uri: str, timings: dict,
+           metrics_dir: Path | None = None) -> dict:
     """Best adapter checkpoint into ``train.output`` (atomically), the summary and curves into ``metrics_dir``
     (DVC's ``metrics/``; a tuning trial's own folder), artifacts to MLflow. Returns the summary."""
     import json
 
     from segevo.io import atomic_write_json
 
+    metrics_dir = Path(cfg.train.metrics_dir) if metrics_dir is None else metrics_dir
     if result.error is not None:
         raise RuntimeError(f"training run {run_id} failed: {result.error}")
     best = result.get_best_checkpoint(metric="val_dice", mode="max") or result.checkpoint

@@ -18,18 +18,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import config_from_args, pyplot
+from pipeline.common import config_from_args, preflight, pyplot
+from pipeline.flags import int_at_least, positive_seconds, run_name
+from pipeline.study import load_study, open_storage, sqlite_file, storage_name
+from segevo.errors import UserError
 
 MAX_FAILURES_IN_A_ROW = 3  # a study whose trials keep failing is broken, not unlucky: stop instead of spinning
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, help="finished trials the study should hold, counting every process's "
-                                              "(default: tune.trials)")
-    p.add_argument("--study", help="study name (default: tune.study)")
+    p.add_argument("--trials", type=int_at_least(1),
+                   help="finished trials the study should hold, counting every process's (default: tune.trials)")
+    p.add_argument("--study", type=run_name, help="study name (default: tune.study)")
     p.add_argument("--storage", help="RDB URL: sqlite:///optuna.db, postgresql://user@host/db (default: tune.storage)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this long")
+    p.add_argument("--timeout", type=positive_seconds, metavar="SECONDS", help="start no new trial after this long")
     p.add_argument("--report", action="store_true", help="print the best trial and every trial; run nothing")
     p.add_argument("--write-profile", metavar="YAML", help="write the best trial's configuration as a profile")
     p.set_defaults(run=run)
@@ -45,70 +48,19 @@ def run(args: argparse.Namespace) -> int:
     tune = {**cfg.tune.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
     cfg = parse_config({**cfg.model_dump(), "tune": tune}, f"{source} with the command line")
     warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats, matplotlib plots
-    storage = open_storage(cfg.tune)
-    study = _load_study(cfg.tune.study, storage) if args.report else optimize(cfg, storage, args.timeout)
+    database = sqlite_file(cfg.tune.storage)
+    if not args.report:
+        from pipeline.launch import training_data
+
+        training_data(cfg)  # bad data fails here, before a study database is created
+    preflight(args, outputs=[("--write-profile", args.write_profile)], inputs=[("tune.storage", database)],
+              folders=[] if args.report else [("tune.output", cfg.tune.output)])
+    storage = open_storage(cfg.tune, create=not args.report)
+    study = load_study(cfg.tune.study, storage) if args.report else optimize(cfg, storage, args.timeout)
     print_report(study, storage_name(cfg.tune.storage))
     if args.write_profile:
         write_profile(cfg, study, Path(args.write_profile))
     return 0
-
-
-def storage_name(url: str) -> str:
-    """The URL with its password hidden, for messages."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def open_storage(tune) -> Any:
-    """The study's RDB storage with heartbeats; a bad or unreachable URL is a one-line error naming it."""
-    import optuna
-    import sqlalchemy.exc
-    from sqlalchemy.engine import make_url
-
-    try:
-        url = make_url(tune.storage)
-    except sqlalchemy.exc.ArgumentError:
-        raise ValueError(f"tune.storage {tune.storage!r} is not a database URL (sqlite:///optuna.db, "
-                         "postgresql://user:password@host:5432/db)") from None
-    name = storage_name(tune.storage)
-    backend = url.get_backend_name()
-    if backend == "sqlite":
-        if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = {"connect_args": {"timeout": 60}}  # several processes write: wait for the lock, do not fail
-    elif backend in ("postgresql", "mysql"):
-        engine = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
-        if url.drivername == "postgresql":  # the driver we install, whatever SQLAlchemy's default for the scheme
-            url = url.set(drivername="postgresql+psycopg")
-    else:
-        raise ValueError(f"tune.storage {name}: unsupported database {backend!r} (use sqlite or postgresql)")
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=tune.retries,
-                                                             inherit_intermediate_values=True)
-    attempts = 0
-    while True:
-        try:
-            return optuna.storages.RDBStorage(url.render_as_string(hide_password=False), engine_kwargs=engine,
-                                              heartbeat_interval=tune.heartbeat_s, grace_period=tune.grace_s,
-                                              heartbeat_stale_trial_callback=retry)
-        except ImportError as err:
-            raise ValueError(f"tune.storage {name}: no database driver ({err})") from None
-        except sqlalchemy.exc.SQLAlchemyError as err:
-            reason = str(getattr(err, "orig", err) or err).strip().splitlines()[0]
-            attempts += 1
-            # Two processes creating the schema at once collide; a dead server does not get better by waiting.
-            if attempts == 5 or "connect" in reason.lower() or "authentication" in reason.lower():
-                raise ValueError(f"tune.storage {name}: cannot open the study database: {reason}") from None
-            time.sleep(attempts)
-
-
-def _load_study(name: str, storage: Any) -> Any:
-    import optuna
-
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        raise ValueError(f"no study {name!r} in {storage_name(storage.url)} (run 'segevo tune' first)") from None
 
 
 def _sampler(tune, trial_number: int = 0) -> Any:
@@ -143,17 +95,21 @@ def optimize(cfg, storage: Any, timeout: float | None) -> Any:
     import optuna
     from optuna.trial import TrialState
 
-    from pipeline.tracking import StudyRuns, resolve_uri
-    from pipeline.train import training_data
+    from pipeline.cluster import PathUse
+    from pipeline.launch import prepare
+    from pipeline.tracking import StudyRuns
 
     t = cfg.tune
-    root, split = training_data(cfg)
+    database = sqlite_file(t.storage)
+    writes = [PathUse("tune.output", t.output, True)]
+    if database is not None:
+        writes.append(PathUse("tune.storage", str(Path(database).parent), True))
+    root, split, tracking_uri, _ = prepare(cfg, writes=writes)
     study = optuna.create_study(study_name=t.study, storage=storage, direction="maximize", load_if_exists=True,
                                 sampler=_sampler(t), pruner=_pruner(cfg))
-    tracking_uri = resolve_uri(cfg.tracking.tracking_uri, Path.cwd())
     runs = StudyRuns(tracking_uri, cfg.tracking.experiment, t.study)
     out = Path(t.output) / t.study
-    objective = Objective(cfg, root.resolve(), split, tracking_uri, runs, out)
+    objective = Objective(cfg, root, split, tracking_uri, runs, out)
     deadline = None if timeout is None else time.monotonic() + timeout
     finished: list[Any] = []
     failures = 0
@@ -200,7 +156,8 @@ class Objective:
         import optuna
         from optuna.trial import TrialState
 
-        from pipeline.train import export, storage_uri
+        from pipeline.launch import storage_uri
+        from pipeline.train import export
         from segevo.config import with_values
 
         if self.cfg.tune.seed is not None:
@@ -240,8 +197,8 @@ class Objective:
         """``launch`` in a thread; here, every epoch's Dice goes to Optuna and the prune verdict back to the run."""
         import ray
 
+        from pipeline.launch import ensure_ray, launch
         from pipeline.report_relay import ReportRelay
-        from pipeline.train import ensure_ray, launch
 
         ensure_ray(cfg)
         relay = ReportRelay.remote()
@@ -350,7 +307,7 @@ def write_profile(cfg, study: Any, path: Path) -> None:
 
     best = _best(study)
     if best is None:
-        raise ValueError(f"study {study.study_name} has no complete trial yet: no profile written")
+        raise UserError(f"study {study.study_name} has no complete trial yet: no profile written")
     profile = with_values(cfg, best["params"])
     header = (f"# Written by segevo tune: study {study.study_name}, trial {best['trial']} ({best['run_id']}), "
               f"val_dice {best['value']:.4f}.\n# Tuned: "

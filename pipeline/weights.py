@@ -4,8 +4,9 @@ released files from the Hugging Face Hub."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from pipeline.common import config_from_args, print_part_table
+from pipeline.common import config_from_args, preflight, print_part_table
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -39,10 +40,21 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
 
 def run_check(args: argparse.Namespace) -> int:
     from segevo.model import SegVol, load_checkpoint
+    from segevo.model.checkpoint import CheckpointError
 
     cfg, source = config_from_args(args)
     model = SegVol(cfg.model)
-    report = load_checkpoint(model, args.path, layout=args.layout, trust_pickle=args.trust_pickle)
+    try:
+        report = load_checkpoint(model, args.path, layout=args.layout, trust_pickle=args.trust_pickle)
+    except CheckpointError as err:
+        if "does not match the model" not in str(err):
+            raise
+        fits = fitting_profiles(args.path, args.layout, args.trust_pickle)
+        if not fits:
+            raise
+        counts = "; ".join(part.split(":")[0] for part in str(err).split("does not match the model: ")[1].split("; "))
+        raise CheckpointError(f"{args.path}: does not fit the model of {source} ({counts}); its geometry is that "
+                              f"of {', '.join(fits)}: rerun with --config {fits[0]}") from None
     print(f"checkpoint: {report.path}")
     print(f"layout: {report.layout} ({report.loaded} tensors loaded strictly into the model of {source})")
     for key in report.dropped:
@@ -55,6 +67,8 @@ def run_check(args: argparse.Namespace) -> int:
 def run_download(args: argparse.Namespace) -> int:
     from segevo.hub import DEFAULT_REVISION, download_segvol
 
+    config_from_args(args)
+    preflight(args, folders=[("--dest", args.dest)])
     paths = download_segvol(args.dest, revision=args.revision or DEFAULT_REVISION, include_vit=args.include_vit)
     for path in paths:
         print(path)
@@ -62,3 +76,29 @@ def run_download(args: argparse.Namespace) -> int:
     if weights:
         print(f"next: segevo --config configs/full.yaml weights check {weights[0]}")
     return 0
+
+
+def fitting_profiles(path: str, layout: str, trust_pickle: bool) -> list[str]:
+    """The shipped profiles (params.yaml, configs/*.yaml) whose model a checkpoint fits key for key and shape for
+    shape, checked on shape-only (meta) models: no weights are built."""
+    import torch
+
+    from segevo.config import load_config
+    from segevo.model import SegVol
+    from segevo.model.checkpoint import CheckpointError, canonical_state_dict, check_keys, read_checkpoint
+
+    repo = Path(__file__).resolve().parents[1]
+    layout, sd, _ = canonical_state_dict(read_checkpoint(path, trust_pickle=trust_pickle), layout)
+    fits = []
+    shipped = sorted((repo / "configs").glob("*.yaml"), key=lambda p: (p.name != "full.yaml", p.name))
+    for profile in [repo / "params.yaml", *shipped]:
+        try:
+            with torch.device("meta"):
+                model = SegVol(load_config(profile).model)
+            target = model.image_encoder if layout == "vit" else model
+            keys = {k.removeprefix("image_encoder."): v for k, v in sd.items()} if layout == "vit" else sd
+            check_keys(target.state_dict(), keys)
+        except (CheckpointError, ValueError):
+            continue
+        fits.append(str(profile.relative_to(repo)) if profile.is_relative_to(repo) else str(profile))
+    return fits

@@ -10,18 +10,49 @@ import fnmatch
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from segevo.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or key is missing, unknown or of the wrong type."""
 
 
 class _Section(BaseModel):
+    """Every section: unknown keys are errors, and a boolean is never taken for a number (``rank: true`` would
+    otherwise become 1)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else None
+        if not _admits_bool(annotation) and _holds_bool(value):
+            raise ValueError("expected a number or text, got a boolean (true/false)")
+        return value
+
+
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field's type takes booleans anywhere (``bool``, ``bool | None``, ``list[bool | int]``); section
+    types check their own fields."""
+    if annotation is bool or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return True
+    return any(_admits_bool(arg) for arg in get_args(annotation))
+
+
+def _holds_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, list | tuple):
+        return any(_holds_bool(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_bool(v) for v in value.values())
+    return False
 
 
 class EncoderConfig(_Section):
@@ -239,6 +270,16 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, gt=0)
     ray_address: str | None = None
     output: str = "models/adapter"
+    metrics_dir: str = "metrics"
+    # A random base is right for the offline demo and wrong everywhere else: refused unless said here.
+    allow_random_base: bool = False
+    # Seconds a run that asks for GPUs waits for the cluster (autoscaler) to have them, then fails.
+    gpu_wait_s: float = Field(600.0, ge=0)
+    # Prepared data staged onto every node's local disk from a DVC remote (instead of a shared data.root):
+    # the version is the hash of data/prep and data/split.json in data_lock (a dvc.lock or .dvc file).
+    data_remote: str | None = None
+    data_lock: str = "dvc.lock"
+    staging_dir: str = "/tmp/segevo/data"
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -620,10 +661,12 @@ class SegevoConfig(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
 
 
-def _format_error(source: str, err: ValidationError) -> str:
+def format_error(source: str, err: ValidationError) -> str:
+    """The first problem as one line: ``source: dotted.key: what is wrong (and N more)``."""
     first = err.errors()[0]
     path = ".".join(str(p) for p in first["loc"])
-    message = f"{path}: {first['msg']}" if path else first["msg"].removeprefix("Value error, ")
+    msg = " ".join(str(first["msg"]).removeprefix("Value error, ").split())
+    message = f"{path}: {msg}" if path else msg
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{source}: {message}{more}"
 
@@ -637,7 +680,7 @@ def with_values(cfg: SegevoConfig, values: dict[str, Any]) -> SegevoConfig:
     try:
         return SegevoConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error("", err).removeprefix(": ")) from None
+        raise ConfigError(format_error("", err).removeprefix(": ")) from None
 
 
 def _locate(data: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
@@ -669,7 +712,8 @@ def search_space(cfg: SegevoConfig) -> dict[str, ParamSpec]:
 
 
 def parse_config(data: dict[str, Any] | None, source: str = "<config>") -> SegevoConfig:
-    """Validate a raw mapping; errors name the source and the dotted key path."""
+    """Validate a raw mapping; errors name the source and the dotted key path. ``None`` (no document) is the
+    built-in defaults; an empty file is refused by :func:`load_config` before it gets here."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -677,7 +721,40 @@ def parse_config(data: dict[str, Any] | None, source: str = "<config>") -> Segev
     try:
         return SegevoConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(source, err)) from None
+        raise ConfigError(format_error(source, err)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value",
+                                                        key_node.start_mark)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """One YAML document, strictly: an empty file, a duplicate key or invalid YAML is a :class:`ConfigError`."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config file: {err}") from None
+    if not text.strip() or all(line.lstrip().startswith("#") or not line.strip() for line in text.splitlines()):
+        raise ConfigError(f"{path}: the config file is empty (write '{{}}' for the built-in defaults)")
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {' '.join(str(problem).split())}") from None
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> SegevoConfig:
@@ -685,13 +762,50 @@ def load_config(path: str | os.PathLike[str] | None = None) -> SegevoConfig:
     if path is None:
         path = os.environ.get("SEGEVO_CONFIG")
         if path is None:
-            return parse_config(yaml.safe_load(Path("params.yaml").read_text())
-                                if Path("params.yaml").is_file() else {}, "params.yaml")
+            if not Path("params.yaml").is_file():
+                return parse_config({}, "built-in defaults")
+            path = "params.yaml"
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory, not a config file")
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
+    return parse_config(read_yaml(p), str(p))
+
+
+def apply_overrides(cfg: SegevoConfig, overrides: list[str]) -> SegevoConfig:
+    """``cfg`` with ``KEY=VALUE`` overrides (dotted keys, YAML values: ``train.lr=3e-4``, ``train.use_gpu=true``,
+    ``data.sources=[demo]``), validated by the same schema; an error names the override and the key."""
+    if not overrides:
+        return cfg
+    data = cfg.model_dump(mode="json")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        *parents, leaf = key.split(".")
+        node = data
+        for depth, part in enumerate(parents):
+            if not isinstance(node.get(part), dict):
+                where = ".".join(parents[:depth]) or "the config"
+                raise ConfigError(f"--set {key}: not a config key ({where} has no section {part!r})")
+            node = node[part]
+        if leaf not in node and not (parents and _open_mapping(parents)):
+            raise ConfigError(f"--set {key}: not a config key; {'.'.join(parents) or 'the config'} has: "
+                              f"{', '.join(node)}")
+        node[leaf] = value
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
-    return parse_config(data, str(p))
+        return SegevoConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError("--set " + format_error("", err).removeprefix(": ")) from None
+
+
+def _open_mapping(parents: list[str]) -> bool:
+    """Sections whose keys are the user's own names (a new expert, a tuned key, a per-modality template)."""
+    return parents[-1] in ("experts", "templates", "space", "resources_per_worker") or (
+        len(parents) >= 2 and parents[-2] in ("experts", "space"))

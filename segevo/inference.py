@@ -33,11 +33,12 @@ import torch.nn.functional as F
 
 from segevo.config import AdaptersConfig, InferenceConfig, ModelConfig, PriorsConfig
 from segevo.data.prompts import bounding_box
+from segevo.errors import UserError
 from segevo.model.adapted import AdaptedSegVol
 from segevo.model.segvol import Prompts
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A prompt that cannot apply to the volume (outside it, malformed, or missing)."""
 
 
@@ -166,9 +167,9 @@ class ZoomInference:
         """Segment every query in ``image`` ((D, H, W), values in [0, 1]) of the given modality."""
         image = np.asarray(image)
         if image.ndim != 3 or min(image.shape) < 1:
-            raise ValueError(f"expected a 3D (D, H, W) volume, got shape {image.shape}")
+            raise UserError(f"expected a 3D (D, H, W) volume, got shape {image.shape}")
         if not np.all(np.isfinite(image)):
-            raise ValueError("volume contains NaN/Inf voxels")
+            raise UserError("volume contains NaN/Inf voxels")
         queries = [check_query(q, image.shape) for q in queries]
         expert = self.model.experts_of(modality, 1)[0]
         volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).to(self.device)

@@ -180,6 +180,10 @@ def test_bad_adapter_config_names_the_key():
         config(adapters={"fallback": "PET"})
     with pytest.raises(ConfigError, match=r"adapters\.experts\.MRI\.kind"):
         config(adapters={"experts": {"MRI": {"kind": "dora"}}})
+    typo = config(adapters={"experts": {"CT": {"kind": "identity"}, "MRI": {"vit_targets": ["attn.qvk"],
+                                                                         "decoder_targets": []}}})
+    with pytest.raises(ConfigError, match=r"adapters\.experts\.MRI: no module matches its vit_targets \['attn.qvk'\]"):
+        build(typo)
 
 
 # ---- priors without text, batches, losses -------------------------------------------------------------------

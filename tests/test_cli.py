@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 from pipeline.cli import VERBS
 
@@ -51,11 +52,23 @@ def test_weights_check_accepts_a_full_size_hf_checkpoint(parity_checkpoint):
 
 
 @pytest.mark.slow
-def test_weights_check_against_the_wrong_geometry_names_the_keys(parity_checkpoint):
+def test_weights_check_against_the_wrong_geometry_names_the_profile_that_fits(parity_checkpoint, tmp_path):
     out = segevo("weights", "check", str(parity_checkpoint))  # params.yaml: the small demo model
     assert out.returncode == 1
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("segevo: error: ")
-    assert "mis-shaped tensors" in out.stderr and "... and" in out.stderr
+    assert "mis-shaped tensors" in out.stderr and "does not fit the model of params.yaml" in out.stderr
+    assert out.stderr.rstrip().endswith("rerun with --config configs/full.yaml")
+    import torch
+
+    from segevo.config import parse_config
+    from segevo.model import SegVol
+
+    torch.manual_seed(0)  # a checkpoint of a geometry no shipped profile has: the key listing, no profile named
+    odd = SegVol(parse_config({"model": {**TINY, "encoder": {**TINY["encoder"], "hidden_size": 48}}}).model)
+    torch.save({f"model.{k}": v for k, v in odd.state_dict().items()}, tmp_path / "pytorch_model.bin")
+    out = segevo("weights", "check", str(tmp_path / "pytorch_model.bin"))
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "mis-shaped tensors" in out.stderr
+    assert "rerun with" not in out.stderr
 
 
 def test_weights_check_missing_file_is_one_line(tmp_path):

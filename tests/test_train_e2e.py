@@ -32,7 +32,7 @@ def config(tmp: Path, **train) -> Path:
         "loader": {"samples_per_epoch": 8},
         "train": {"epochs": 3, "batch_size": 2, "num_workers": 2, "val_samples": 2, "lr": 5e-3,
                   "storage_path": str(tmp / "runs"), "output": str(tmp / "adapter"), "loader_workers": 0,
-                  "max_failures": 1, **train},
+                  "max_failures": 1, "allow_random_base": True, **train},
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "system_metrics": False},
     }
     path = tmp / "cfg.yaml"
@@ -62,6 +62,8 @@ def faulty_run(tmp_path_factory):
 def test_two_workers_train_resume_after_a_killed_worker(faulty_run):
     tmp, _, marker, out = faulty_run
     assert marker.read_text().startswith("killed rank 1 after epoch 1")
+    for benign in ("untested optimizer", "Failed to query Ray Train Controller"):  # filtered (pipeline/ray_quiet)
+        assert benign not in out.stdout + out.stderr
     assert "resumed after epoch 1" in out.stdout + out.stderr
     summary = json.loads((tmp / "metrics" / "train.json").read_text())
     assert summary["epochs_run"] == 3 and summary["num_workers"] == 2

@@ -50,7 +50,8 @@ def workspace(tmp: Path, study: str = "demo", storage: str | None = None, **tune
         "data": {"root": str(tmp / "data")},
         "loader": {"samples_per_epoch": 4},
         "train": {"epochs": 2, "steps_per_epoch": 1, "batch_size": 1, "num_workers": 1, "val_samples": 1,
-                  "storage_path": str(tmp / "runs"), "loader_workers": 0, "max_failures": 0, "keep_checkpoints": 1},
+                  "storage_path": str(tmp / "runs"), "loader_workers": 0, "max_failures": 0, "keep_checkpoints": 1,
+                  "allow_random_base": True},
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "system_metrics": False},
         "tune": {"study": study, "storage": storage or f"sqlite:///{tmp / 'optuna.db'}", "trials": 4,
                  "output": str(tmp / "reports"), "heartbeat_s": 1, "grace_s": 10, **tune},
@@ -125,8 +126,8 @@ def test_bad_search_space_names_the_key(space, message):
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     from pipeline.cli import main
 
-    def error(*args: str) -> str:
-        assert main(["--config", str(cfg), "tune", *args]) == 1
+    def error(*args: str, code: int = 1) -> str:
+        assert main(["--config", str(cfg), "tune", *args]) == code
         err = capsys.readouterr().err
         assert err.startswith("segevo: error: ") and err.count("\n") == 1, err
         return err
@@ -137,8 +138,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     cfg = workspace(tmp_path / "ok")
     dead = error("--storage", "postgresql://tuner:secret@127.0.0.1:9/optuna")
     assert "tune.storage postgresql://tuner:***@127.0.0.1:9/optuna: cannot open the study database" in dead
+    database = tmp_path / "ok" / "optuna.db"
+    assert f"no study database at {database}" in error("--report", "--study", "nope")
+    assert not database.exists()  # a read-only command creates nothing
+    import optuna
+
+    optuna.storages.RDBStorage(f"sqlite:///{database}")  # an existing database without that study
     assert "no study 'nope'" in error("--report", "--study", "nope")
-    assert "tune.trials: Input should be greater than 0" in error("--trials", "0")
+    assert "argument --trials: 0 is out of range: expected an integer >= 1" in error("--trials", "0", code=2)
 
 
 # --- one study, four trials, then killed and resumed ---------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from segevo.data.vocabulary import check_labels
-from segevo.io import atomic_write_json
+from segevo.errors import UserError
+from segevo.io import atomic_write_json, read_json
 
 TABLE_VERSION = 1
 FORMATS = ("nifti", "m3d")
@@ -33,7 +33,7 @@ _MODALITY = re.compile(r"^(CT|MRI)(-[A-Za-z0-9]+)*$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class CaseError(ValueError):
+class CaseError(UserError):
     """A raw case is unusable: unreadable, mis-shaped, or labelled outside its source's class map."""
 
 
@@ -127,18 +127,31 @@ def write_case_table(path: Path, table: CaseTable) -> Path:
 
 
 def read_case_table(path: str | Path) -> CaseTable:
+    """``cases.json`` checked: an object with ``version``, ``sources``, ``skipped`` and ``cases`` rows that
+    :meth:`Case.from_row` accepts; every error names the file (and the row)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: case table not found; run 'segevo download' first") from None
-    except json.JSONDecodeError as err:
-        raise CaseError(f"{path}: not valid JSON ({err})") from None
+    if not path.exists():
+        raise CaseError(f"{path}: case table not found; run 'segevo download' first")
+    data = read_json(path, "case table", CaseError)
     if data.get("version") != TABLE_VERSION:
         raise CaseError(f"{path}: case table version {data.get('version')!r}, expected {TABLE_VERSION}; "
                         f"run 'segevo download --force'")
+    rows, sources, skipped = data.get("cases"), data.get("sources"), data.get("skipped", [])
+    if not isinstance(rows, list) or not isinstance(sources, dict) or not isinstance(skipped, list):
+        raise CaseError(f"{path}: malformed case table: expected 'cases' and 'skipped' lists and a 'sources' object")
     base = path.parent
-    return CaseTable([Case.from_row(r, base) for r in data["cases"]], data["sources"], data["skipped"])
+    cases = []
+    for i, row in enumerate(rows):
+        try:
+            if not isinstance(row, dict):
+                raise TypeError(f"a row must be an object, got {type(row).__name__}")
+            cases.append(Case.from_row(row, base))
+        except CaseError as err:
+            raise CaseError(f"{path}: cases[{i}]: {err}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+            raise CaseError(f"{path}: malformed case table: cases[{i}]: {detail}") from None
+    return CaseTable(cases, sources, skipped)
 
 
 def sha256_files(paths: Iterable[Path]) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from segevo.errors import UserError
+
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 _MET_TYPES = {
@@ -24,7 +26,7 @@ _MET_TYPES = {
 }
 
 
-class FormatError(ValueError):
+class FormatError(UserError):
     """A raw file cannot be read or describes an image segevo cannot place on a grid."""
 
 

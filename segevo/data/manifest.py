@@ -29,18 +29,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segevo.io import atomic_write_json
+import numpy as np
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from segevo.errors import UserError
+from segevo.io import atomic_write_json, read_json, read_npy
 
 MANIFEST_VERSION = 1
 AXIS_ORDER = (2, 1, 0)
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """The manifest is missing, malformed, or points at missing arrays."""
 
 
 @dataclass(frozen=True)
 class PrepCase:
+    __pydantic_config__ = ConfigDict(extra="forbid")  # the manifest reader validates rows against these fields
+
     source: str
     case_id: str
     patient_id: str
@@ -93,15 +99,51 @@ def write_manifest(path: str | Path, cases: list[PrepCase], meta: dict[str, Any]
 
 
 def read_manifest(path: str | Path) -> tuple[list[PrepCase], dict[str, Any]]:
+    """The manifest's cases and meta. Every row is checked against :class:`PrepCase` strictly (types, lengths,
+    no unknown keys), so a hand-edited or foreign file fails here, naming the file, row and field."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ManifestError(f"{path}: no manifest (run 'segevo preprocess' first)")
+    data = read_json(path, "manifest", ManifestError)
+    if data.get("version") != MANIFEST_VERSION:
+        raise ManifestError(f"{path}: manifest version {data.get('version')!r}, expected {MANIFEST_VERSION}")
+    meta = data.get("meta", {})
+    if not isinstance(data.get("cases"), list) or not isinstance(meta, dict):
+        raise ManifestError(f"{path}: malformed manifest: expected 'cases' (a list) and 'meta' (an object)")
     try:
-        data = json.loads(path.read_text())
-        if data.get("version") != MANIFEST_VERSION:
-            raise ManifestError(f"{path}: manifest version {data.get('version')}, expected {MANIFEST_VERSION}")
-        cases = [PrepCase(**{k: _tupled(v) if k not in ("voxels", "intensity") else v for k, v in row.items()})
-                 for row in data["cases"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ManifestError(f"{path}: malformed manifest: {err}") from None
-    return cases, data.get("meta", {})
+        cases = _ROWS.validate_json(json.dumps(data["cases"]), strict=True)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ManifestError(f"{path}: malformed manifest: cases.{where}: {first['msg']}") from None
+    bad = next((c for c in cases if min(c.shape) < 1 or min(c.raw_shape) < 1), None)
+    if bad is not None:
+        raise ManifestError(f"{path}: malformed manifest: {bad.key}: empty shape {bad.shape} or {bad.raw_shape}")
+    return cases, meta
+
+
+_ROWS = TypeAdapter(list[PrepCase])
+_ON_PREP_GRID = ("image", "label", "pseudo")
+ARRAYS = ("image", "label", "pseudo", "zoom_image", "zoom_label", "zoom_pseudo", "locations")
+
+
+def read_prep_array(case: PrepCase, root: Path, name: str, mmap: bool = False) -> Any:
+    """One of a case's prepared arrays, checked: readable (not truncated), for the arrays on the prep grid of the
+    shape the manifest gives, and finite when read in full; errors name the file and the case."""
+    path = case.path(root, name)
+    array = read_npy(path, f"prepared {name} array of {case.key}", mmap=mmap)
+    if name in _ON_PREP_GRID and tuple(array.shape) != tuple(case.shape):
+        raise ManifestError(f"{path}: shape {tuple(array.shape)}, but the manifest gives {tuple(case.shape)} for "
+                            f"{case.key} (rerun 'segevo preprocess')")
+    if not mmap and array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise ManifestError(f"{path}: NaN/Inf values in the prepared {name} array of {case.key} "
+                            "(rerun 'segevo preprocess')")
+    return array
+
+
+def check_prep_arrays(cases: list[PrepCase], root: Path) -> None:
+    """Every array of every case opened memory-mapped (cheap: headers and sizes only), before a run starts."""
+    for case in cases:
+        for name in ARRAYS:
+            if getattr(case, name) is not None:
+                read_prep_array(case, root, name, mmap=True)

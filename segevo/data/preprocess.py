@@ -78,7 +78,7 @@ def foreground_normalize(image: np.ndarray, inplace: bool = False) -> np.ndarray
     flat = image.ravel(order="K")  # no copy, whatever the memory order (nibabel's arrays are Fortran-ordered)
     foreground = flat[flat > np.mean(flat)]
     if foreground.size == 0:
-        raise ValueError("image is constant (no voxel above the mean)")
+        raise CaseError("image is constant (no voxel above the mean)")
     mean, std = np.mean(foreground), np.std(foreground)
     lower, upper = np.percentile(foreground, [0.05, 99.95], overwrite_input=True)
     del foreground
@@ -217,6 +217,8 @@ class RawVolume:
 
 
 def _unreadable(path: Path, kind: str, err: BaseException) -> CaseError:
+    if path.is_dir():
+        return CaseError(f"{path}: is a directory, not a {kind} file")
     if isinstance(err, FileNotFoundError):
         return CaseError(f"{path}: file not found")
     detail = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -244,16 +246,23 @@ def _read_nifti(path: Path, channel: Callable[[int], int] | None = None) -> tupl
 
 
 def _to_float32(data: np.ndarray, path: Path) -> np.ndarray:
-    """What MONAI's ``LoadImage`` hands SegVol's transforms; NaN/Inf checked after the cast (float64 values can
-    overflow float32)."""
+    """What MONAI's ``LoadImage`` hands SegVol's transforms. NaN/Inf in the file and finite float64 values that
+    overflow float32 are told apart: calling the latter NaN/Inf would send the user looking for what is not there."""
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise CaseError(f"{path}: voxel type {data.dtype} is not a real number")
-    image = data.astype(np.float32, copy=False)  # in its memory order: no copy for what _read_nifti made
+    if data.dtype.kind == "f":
+        bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise CaseError(f"{path}: {bad} NaN/Inf voxels")
+    with np.errstate(over="ignore"):
+        image = data.astype(np.float32, copy=False)  # in its memory order: no copy for what _read_nifti made
     if not image.flags.writeable or isinstance(image, np.memmap):  # an uncompressed file mapped read-only
         image = np.array(image, order="K")
-    bad = image.size - int(np.count_nonzero(np.isfinite(image)))
-    if bad:
-        raise CaseError(f"{path}: {bad} NaN/Inf voxels")
+    if data.dtype != np.float32:
+        big = image.size - int(np.count_nonzero(np.isfinite(image)))
+        if big:
+            raise CaseError(f"{path}: {big} voxels are finite but beyond the float32 range (|value| > "
+                            f"{np.finfo(np.float32).max:.3g}), which the model computes in")
     return image
 
 
@@ -770,7 +779,7 @@ def read_pseudo_index(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no pseudo-mask index; run 'segevo pseudomask' first") from None
+        raise CaseError(f"{path}: no pseudo-mask index; run 'segevo pseudomask' first") from None
     except json.JSONDecodeError as err:
         raise CaseError(f"{path}: not valid JSON ({err})") from None
 

@@ -164,7 +164,7 @@ def download_sources(cfg: DataConfig, only: list[str] | None = None,
     for name in only or ():
         get_source(name)
         if name not in cfg.sources:
-            raise ValueError(f"source {name!r} is not enabled: add it to data.sources (enabled: "
+            raise CaseError(f"source {name!r} is not enabled: add it to data.sources (enabled: "
                              f"{', '.join(cfg.sources)})")
     wanted = list(dict.fromkeys(only)) if only else list(cfg.sources)
     results = {name: prepare_source(name, cfg, force) for name in wanted}

@@ -24,9 +24,13 @@ import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from segevo.errors import UserError
+from segevo.io import read_json
 
 SPLITS = ("train", "val", "test")
 DEFAULT_OFFICIAL = {"train": "train", "val": "val", "test": "test"}
@@ -181,3 +185,32 @@ def round_robin_subset(keys: Sequence[str], n: int, seed: int) -> list[str]:
             if queue and len(chosen) < n:
                 chosen.append(queue.pop(0))
     return sorted(chosen)
+
+
+class SplitError(UserError):
+    """``split.json`` is missing or not what ``segevo split`` writes."""
+
+
+def read_split(path: str | Path, known: Iterable[str] | None = None) -> dict[str, Any]:
+    """``split.json`` checked: ``train``/``val``/``test`` lists of case keys (when ``known`` is given, each in the
+    manifest) and ``subsets`` mapping a size to keys of ``train``. Splits may overlap: tiny data sets validate
+    on training cases on purpose."""
+    path = Path(path)
+    if not path.exists():
+        raise SplitError(f"{path}: no split (run 'segevo split' first)")
+    data = read_json(path, "split", SplitError)
+    seen: set[str] = set()
+    for name in SPLITS:
+        keys = data.get(name)
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise SplitError(f"{path}: '{name}' must be a list of case keys (rerun 'segevo split')")
+        seen.update(keys)
+    train = set(data["train"])
+    subsets = data.setdefault("subsets", {})
+    if not isinstance(subsets, dict) or not all(
+            isinstance(v, list) and all(isinstance(k, str) and k in train for k in v) for v in subsets.values()):
+        raise SplitError(f"{path}: 'subsets' must map sizes to lists of training case keys")
+    unknown = sorted(seen - set(known)) if known is not None else []
+    if unknown:
+        raise SplitError(f"{path}: case {unknown[0]} is not in the manifest (rerun 'segevo split')")
+    return data

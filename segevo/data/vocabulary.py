@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from segevo.errors import UserError
+
 # Whole-name synonyms, applied to the normalised name without its side ("kidney left" -> "kidney").
 SYNONYMS: dict[str, str] = {
     # AMOS22 (its dataset.json spells the aorta "arota" and calls the IVC "postcava")
@@ -55,7 +57,7 @@ _WORDS = {"tumour": "tumor", "tumours": "tumors", "oedema": "edema", "haemorrhag
 _SIDES = {"left": "left", "right": "right", "l": "left", "r": "right", "lt": "left", "rt": "right"}
 
 
-class LabelError(ValueError):
+class LabelError(UserError):
     """A case's label map holds values its source does not declare."""
 
 

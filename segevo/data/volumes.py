@@ -16,8 +16,8 @@ def scaled_float32(proxy: Any) -> np.ndarray:
     if stored.dtype.kind not in "iuf":  # complex, RGB, bool: refused by the caller with its own message
         return stored
     slope, inter = float(proxy.slope), float(proxy.inter)
-    if slope == 1 and inter == 0 and stored.dtype.kind == "f" and stored.dtype.itemsize <= 4:
-        return stored.astype(np.float32, copy=False)
+    if slope == 1 and inter == 0 and stored.dtype.kind == "f":  # float64 is cast and range-checked by the caller
+        return stored
     out = np.empty(stored.shape, dtype=np.float32)  # C order: the pseudo-mask resize needs no other copy
     with np.errstate(over="ignore"):  # values beyond float32 become inf, reported as such by the caller
         for i in range(stored.shape[0]):

@@ -10,13 +10,14 @@ import os
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from segevo.config import AdaptersConfig, ModelConfig, PriorsConfig
-from segevo.io import atomic_write_bytes, atomic_write_json
+from segevo.config import AdaptersConfig, ModelConfig, PriorsConfig, format_error
+from segevo.io import atomic_write_bytes, atomic_write_json, read_json
 from segevo.model.adapted import AdaptedSegVol
 from segevo.model.adapters import merged_state_dict
-from segevo.model.checkpoint import CheckpointError, check_keys
+from segevo.model.checkpoint import CheckpointError, check_finite, check_keys
 from segevo.model.priors import TaskVocabulary
 from segevo.model.segvol import SegVol
 
@@ -55,15 +56,27 @@ def save_adapters(model: AdaptedSegVol, directory: str | os.PathLike[str]) -> Pa
 
 
 def read_meta(directory: str | os.PathLike[str]) -> dict:
-    path = Path(directory) / META
-    if not path.is_file():
+    """``adapters.json`` checked for what :func:`build_from_adapters` reads, every error naming the file."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        what = "is a file" if folder.exists() else "does not exist"
+        raise CheckpointError(f"{folder}: {what}; an adapter checkpoint is a folder with {META} and {WEIGHTS}")
+    path = folder / META
+    if not path.exists():
         raise CheckpointError(f"{path}: no adapter metadata (expected {META} and {WEIGHTS})")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON: {err}") from None
+    meta = read_json(path, "adapter metadata file", CheckpointError)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    for key, kind in (("model", dict), ("adapters", dict), ("priors", dict), ("tasks", list)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{path}: '{key}' must be a JSON {'object' if kind is dict else 'array'}")
+    base = meta.get("base") or {}
+    if not isinstance(base, dict) or not isinstance(base.get("weights"), str | None) \
+            or isinstance(base.get("seed"), bool) or not isinstance(base.get("seed"), int | None):
+        raise CheckpointError(f"{path}: 'base' must be an object with 'weights' (a path or null) and 'seed' "
+                              "(an integer or null)")
+    if not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in meta["tasks"]):
+        raise CheckpointError(f"{path}: 'tasks' must list [dataset, class] pairs of strings")
     return meta
 
 
@@ -84,7 +97,9 @@ def build_from_adapters(directory: str | os.PathLike[str], base_weights: str | o
             base = SegVol(model_cfg)
         adapters = AdaptersConfig.model_validate(meta["adapters"])
         priors = PriorsConfig.model_validate(meta["priors"])
-    except (KeyError, ValueError) as err:
+    except ValidationError as err:
+        raise CheckpointError(format_error(f"{Path(directory) / META}: invalid configuration", err)) from None
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise CheckpointError(f"{Path(directory) / META}: invalid configuration: {err}") from None
     if base_weights is None and origin.get("weights"):
         base_weights = origin["weights"]
@@ -104,8 +119,8 @@ def load_adapters(model: AdaptedSegVol, directory: str | os.PathLike[str]) -> No
     """Strictly load an adapter checkpoint into a model built with the same configuration."""
     path = Path(directory) / WEIGHTS
     read_meta(directory)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such adapter weights file")
+    if path.is_dir() or not path.exists():
+        raise CheckpointError(f"{path}: {'is a directory, not' if path.is_dir() else 'no such'} adapter weights file")
     try:
         tensors = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
@@ -115,6 +130,7 @@ def load_adapters(model: AdaptedSegVol, directory: str | os.PathLike[str]) -> No
         check_keys(expected, tensors)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
+    check_finite(tensors, path)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in tensors.items():

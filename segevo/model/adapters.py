@@ -22,7 +22,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from segevo.config import AdaptersConfig, ExpertConfig
+from segevo.config import AdaptersConfig, ConfigError, ExpertConfig
 
 
 class UnknownModality(ValueError):
@@ -65,7 +65,12 @@ class MixtureOfAdapters:
                               target_modules=target_regex(e), bias="none")
             with warnings.catch_warnings():  # several adapters in one model is the point here
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                inject_adapter_in_model(lora, model, adapter_name=name)
+                try:
+                    inject_adapter_in_model(lora, model, adapter_name=name)
+                except ValueError as err:  # peft: no module matched the target names
+                    raise ConfigError(f"adapters.experts.{name}: no module matches its vit_targets "
+                                      f"{list(e.vit_targets)} or decoder_targets {list(e.decoder_targets)} "
+                                      f"({str(err).splitlines()[0][:120]})") from None
         self.layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
         if self.lora_experts and not self.layers:
             raise ValueError("adapters: no module matched the LoRA target names")

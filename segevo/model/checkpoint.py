@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from segevo.errors import UserError
+
 if TYPE_CHECKING:
     from segevo.model.segvol import SegVol
 
@@ -31,7 +33,7 @@ _CLIP = "text_encoder.clip_text_model."
 _NORM_CROSS_ATTN = re.compile(r"^image_encoder\.blocks\.\d+\.norm_cross_attn\.(weight|bias)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint cannot be read, or does not match the model exactly."""
 
 
@@ -45,10 +47,16 @@ class LoadReport:
 
 
 def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> object:
-    """``torch.load`` with ``weights_only=True``; full unpickling only when the caller trusts the file."""
+    """``torch.load`` with ``weights_only=True``; full unpickling only when the caller trusts the file.
+
+    A file that is neither a zip archive nor a pickle is "not a checkpoint": suggesting ``--trust-pickle`` for
+    random bytes would invite the unsafe flag for nothing."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    _check_container(path)
     try:
         return _torch_load(path, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -65,6 +73,30 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> object:
         return _torch_load(path, weights_only=False)
     except Exception as err:  # a trusted pickle can raise anything while rebuilding its objects
         raise CheckpointError(f"{path}: cannot unpickle: {_first_line(err)}") from None
+
+
+def _check_container(path: Path) -> None:
+    """torch writes a zip archive (``torch.save`` since 1.6) or a legacy pickle stream (protocol 2+)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read: {err.strerror or err}") from None
+    if zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return
+    shown = "empty file" if not head else f"starts with {head!r}"
+    raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle: {shown})")
+
+
+def check_finite(tensors: Mapping[str, object], path: str | Path) -> None:
+    """Refuse NaN/Inf in any floating-point tensor, naming it: a model with one NaN weight answers empty masks
+    in silence."""
+    for key, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            bad = value.numel() - int(torch.isfinite(value).sum())
+            if bad:
+                raise CheckpointError(f"{path}: tensor {key} holds {bad} NaN/Inf values of {value.numel()}: "
+                                      "refusing a non-finite checkpoint")
 
 
 def _torch_load(path: Path, weights_only: bool) -> object:
@@ -175,6 +207,18 @@ def check_keys(expected: Mapping[str, torch.Tensor], sd: Mapping[str, object]) -
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
 
 
+def check_checkpoint_file(path: str | Path, layout: str = "auto", trust_pickle: bool = False) -> str:
+    """Read a checkpoint and check its layout and finiteness without a model: what a verb that loads it later
+    (in another process) checks up front. Returns the layout."""
+    obj = read_checkpoint(path, trust_pickle=trust_pickle)
+    try:
+        layout, sd, _ = canonical_state_dict(obj, layout)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    check_finite(sd, path)
+    return layout
+
+
 def load_checkpoint(model: SegVol, path: str | Path, layout: str = "auto",
                     trust_pickle: bool = False) -> LoadReport:
     """Load a SegVol checkpoint into ``model`` strictly; ``vit`` fills the image encoder only."""
@@ -187,6 +231,7 @@ def load_checkpoint(model: SegVol, path: str | Path, layout: str = "auto",
         check_keys(target.state_dict(), sd)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
+    check_finite(sd, path)
     target.load_state_dict(sd, strict=True)
     parts = {name: n for name, n in model.parameter_counts().items() if layout != "vit" or name == "image_encoder"}
     return LoadReport(path=str(path), layout=layout, loaded=len(sd), dropped=dropped, parts=parts)

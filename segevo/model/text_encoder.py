@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segevo.config import TextConfig
+from segevo.errors import UserError
 from segevo.model.tokenizer import load_tokenizer
 
 
@@ -116,7 +117,7 @@ class TextEncoder(nn.Module):
         ids = load_tokenizer(self.cfg.tokenizer_dir)(prompts, padding=True, return_tensors="pt")["input_ids"]
         if ids.shape[1] > self.cfg.max_position_embeddings:
             longest = max(names, key=len)
-            raise ValueError(f"text prompt too long: {longest[:40]!r} gives {ids.shape[1]} tokens, "
+            raise UserError(f"text prompt too long: {longest[:40]!r} gives {ids.shape[1]} tokens, "
                              f"the text encoder takes {self.cfg.max_position_embeddings}")
         return ids.to(self.dim_align.weight.device)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from segevo.errors import UserError
+
 SOURCES: dict[str, str] = {
     "demo": "segevo.data.sources.demo",
     "msd": "segevo.data.sources.msd",
@@ -22,7 +24,7 @@ SOURCES: dict[str, str] = {
 }
 
 
-class UnknownSourceError(ValueError):
+class UnknownSourceError(UserError):
     """A source name that is not in the registry."""
 
 

@@ -205,6 +205,11 @@ def test_demo_end_to_end(tmp_path, monkeypatch, reference):
             lut[value] = i + 1
         assert np.array_equal(to_raw_grid(label, row), lut[raw]), "labels map back onto the raw grid"
         assert sum(row.voxels.values()) == int(np.count_nonzero(raw))
+        image = read_case(case).image.astype(np.float64)
+        for value, name in case.label_map.items():  # the data summary's raw intensities, per class
+            inside = image[raw == value]
+            assert (row.intensity[name][:2] == [inside.size, pytest.approx(inside.sum())] if inside.size
+                    else name not in row.intensity)
         zoom = np.load(row.path(prep.path.parent, "zoom_pseudo"))
         assert zoom.shape == (32, 128, 128) and zoom.dtype == np.int16 and (zoom >= 0).any()
     assert meta["pseudomask"]["grid"] == [256, 256, 32]

@@ -1,10 +1,17 @@
-"""Patient-level splits and round-robin subsets: no patient in two splits, deterministic, balanced."""
+"""Patient-level splits and round-robin subsets: no patient in two splits, deterministic, balanced (sources without
+official lists or SegVol-seen scans; those rules are in test_data_split_leakage.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from segevo.data.split import round_robin_subset, split_patients
+from segevo.data.split import SplitCase, round_robin_subset, split_cases
+
+
+def split_patients(cases, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """(key, source, patient) rows, patients scoped per source, no official lists."""
+    rows = [SplitCase(key, source, f"{source}/{patient}") for key, source, patient in cases]
+    return split_cases(rows, val_fraction, test_fraction, seed, official=None).splits
 
 
 def cases(n_per_source: dict[str, int], scans_per_patient: int = 2) -> list[tuple[str, str, str]]:

@@ -60,6 +60,7 @@ class Case:
     annotation: str = "manual"  # "model": the labels are a model's output, not a person's
     labels_present: tuple[str, ...] = ()
     origin: Path | None = None  # the file or DICOM folder this NIfTI was converted from
+    segvol_seen: bool = False  # listed for training in M3D-Seg, i.e. SegVol was trained on it
     notes: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -221,4 +222,4 @@ def validate(case: Case) -> Case:
     present = _check_nifti(case) if case.format == "nifti" else _check_m3d(case)
     if case.label is not None and not present:
         raise CaseError(f"{case.label}: label map is empty (no structure labelled)")
-    return dataclasses.replace(case, labels_present=tuple(present))
+    return dataclasses.replace(case, labels_present=tuple(dict.fromkeys(present)))  # merged classes: once

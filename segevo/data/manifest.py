@@ -12,7 +12,9 @@ Each row says where the model-ready arrays are and how to map a prediction back 
 - ``shape`` (D, H, W) after the crop, ``raw_shape`` of the raw array, ``affine`` of the raw NIfTI (4x4),
   ``spacing`` (D, H, W) in mm;
 - ``classes`` in the unified vocabulary, ``voxels`` per class (for balanced sampling), provenance
-  (``raw_sha256``) and identity (``source``, ``case_id``, ``patient_id``, ``modality``);
+  (``raw_sha256``) and identity (``source``, ``case_id``, ``patient_id``, ``modality``), what the split must
+  honour (``subset``: the source's official list; ``segvol_seen``: in SegVol's training data), and the raw
+  image's intensity statistics per class (``intensity``, for the data summary);
 - ``notes``: what preprocessing decided for the case (the channel kept of a multi-channel image, voxels in
   several M3D-Seg channels, labelled voxels outside the foreground crop).
 
@@ -68,6 +70,10 @@ class PrepCase:
     axis_order: tuple[int, int, int] = AXIS_ORDER
     annotation: str = "manual"
     notes: tuple[str, ...] = ()  # what preprocessing had to decide: channel kept, overlaps, voxels cropped away
+    subset: str | None = None  # the source's official list (train / val / test), honoured by the split
+    segvol_seen: bool = False  # SegVol was trained on this scan (an M3D-Seg train list): never in test by default
+    # raw image per class: [voxels, sum, sum of squares, p0.5, p50, p99.5] (segevo.data.summary)
+    intensity: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:

@@ -16,7 +16,8 @@ Per case, as SegVol's training build and inference do it (reference/segvol.md se
    ``nearest-exact``) for labels and pseudo-masks, a documented deviation from SegVol's ``area`` mode.
 
 Pseudo-masks (SegVol's ``pseudo_mask_process.py``) run on the same normalised, *uncropped* image in raw array
-order: resized trilinearly to ``pseudomask.grid``, 3D Felzenszwalb-Huttenlocher, the ground truth painted on
+order: resized to ``pseudomask.grid`` with MONAI's default area mode (as SegVol's ``Resized``), 3D
+Felzenszwalb-Huttenlocher, the ground truth painted on
 top, then the clean-up; ``preprocess`` resizes the result back to the raw array by nearest neighbour and
 transposes and crops it like the image.
 
@@ -50,7 +51,10 @@ from tqdm import tqdm
 from segevo.config import PseudoMaskConfig, SegevoConfig
 from segevo.data.cases import Case, CaseError, m3d_mask_shape, read_case_table
 from segevo.data.manifest import AXIS_ORDER, PrepCase, write_manifest
+from segevo.data.resources import memory_bound_workers
+from segevo.data.summary import case_intensity, intensity_stats
 from segevo.data.vocabulary import LabelError, check_labels
+from segevo.data.volumes import scaled_float32, value_counts
 from segevo.io import atomic_write_json, atomic_write_npy, current_umask
 
 VERSION = 1  # bump when the outputs change for a reason the code fingerprint cannot see (a library upgrade)
@@ -65,16 +69,20 @@ log = logging.getLogger(__name__)
 # SegVol's intensity and geometry transforms
 
 
-def foreground_normalize(image: np.ndarray) -> np.ndarray:
-    """SegVol's ``ForegroundNormalization`` (float32 in, float32 out, same arithmetic as its numpy code)."""
-    flat = image.ravel()
+def foreground_normalize(image: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """SegVol's ``ForegroundNormalization`` (float32 in, float32 out, same arithmetic as its numpy code).
+
+    Memory: the voxels above the mean are the one copy made (the percentiles partition it in place after the
+    order-sensitive mean and std); ``inplace`` clips into ``image`` itself instead of a new volume.
+    """
+    flat = image.ravel(order="K")  # no copy, whatever the memory order (nibabel's arrays are Fortran-ordered)
     foreground = flat[flat > np.mean(flat)]
     if foreground.size == 0:
         raise CaseError("image is constant (no voxel above the mean)")
-    lower, upper = np.percentile(foreground, [0.05, 99.95])
     mean, std = np.mean(foreground), np.std(foreground)
+    lower, upper = np.percentile(foreground, [0.05, 99.95], overwrite_input=True)
     del foreground
-    out = np.clip(image, lower.astype(image.dtype), upper.astype(image.dtype))
+    out = np.clip(image, lower.astype(image.dtype), upper.astype(image.dtype), out=image if inplace else None)
     out -= mean
     out /= max(std, 1e-8)
     return out
@@ -156,11 +164,15 @@ def read_image(path: str | os.PathLike[str], channel: int = 0) -> tuple[np.ndarr
     """A NIfTI image for inference: float32 in raw array order, one channel of a 4D file, finite; and the
     nibabel image (affine, header). Every problem is a :class:`CaseError` naming the file."""
     path = Path(path)
-    data, img = _read_nifti(path)
-    if data.ndim == 4:
-        if not 0 <= channel < data.shape[3]:
-            raise CaseError(f"{path}: channel {channel} is out of range (image has {data.shape[3]} channels)")
-        data = data[..., channel]
+
+    def pick(n: int) -> int:
+        if not 0 <= channel < n:
+            raise CaseError(f"{path}: channel {channel} is out of range (image has {n} channels)")
+        return channel
+
+    data, img = _read_nifti(path, pick)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
     if data.ndim != 3:
         raise CaseError(f"{path}: expected a 3D image, got shape {data.shape}")
     if min(data.shape) < 1:
@@ -213,13 +225,22 @@ def _unreadable(path: Path, kind: str, err: BaseException) -> CaseError:
     return CaseError(f"{path}: corrupt or truncated {kind} ({detail})")
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, Any]:
+def _read_nifti(path: Path, channel: Callable[[int], int] | None = None) -> tuple[np.ndarray, Any]:
+    """The voxels and the nibabel image. With ``channel`` (the image, not a label map) the result is float32
+    straight from the stored type (never the float64 that scaled NIfTI gives by default), and of a 4D file only
+    the channel ``channel(n_channels)`` picks is read."""
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
     try:
         img = nib.load(path)
-        return np.asanyarray(img.dataobj), img
+        if channel is None:
+            return np.asanyarray(img.dataobj), img
+        if len(img.shape) == 4 and img.shape[3] > 1:
+            return np.asarray(img.dataobj[..., channel(img.shape[3])], dtype=np.float32), img
+        return scaled_float32(img.dataobj), img
+    except CaseError:
+        raise
     except (ImageFileError, OSError, EOFError, zlib.error, ValueError, MemoryError) as err:
         raise _unreadable(path, "NIfTI", err) from None
 
@@ -234,11 +255,14 @@ def _to_float32(data: np.ndarray, path: Path) -> np.ndarray:
         if bad:
             raise CaseError(f"{path}: {bad} NaN/Inf voxels")
     with np.errstate(over="ignore"):
-        image = data.astype(np.float32, order="C")  # nibabel's arrays are Fortran-ordered: one copy, here
-    big = image.size - int(np.count_nonzero(np.isfinite(image)))
-    if big:
-        raise CaseError(f"{path}: {big} voxels are finite but beyond the float32 range (|value| > "
-                        f"{np.finfo(np.float32).max:.3g}), which the model computes in")
+        image = data.astype(np.float32, copy=False)  # in its memory order: no copy for what _read_nifti made
+    if not image.flags.writeable or isinstance(image, np.memmap):  # an uncompressed file mapped read-only
+        image = np.array(image, order="K")
+    if data.dtype != np.float32:
+        big = image.size - int(np.count_nonzero(np.isfinite(image)))
+        if big:
+            raise CaseError(f"{path}: {big} voxels are finite but beyond the float32 range (|value| > "
+                            f"{np.finfo(np.float32).max:.3g}), which the model computes in")
     return image
 
 
@@ -273,22 +297,26 @@ def _integer_labels(label: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarr
             return label, np.unique(label)
         label = label.astype(np.uint8 if high <= 255 else np.uint16, order="C")
     label = np.ascontiguousarray(label)
-    return label, np.flatnonzero(np.bincount(label.ravel()))
+    return label, np.flatnonzero(value_counts(label))
 
 
 def read_case(case: Case, channel: int | str = 0) -> RawVolume:
     """Read and check a case's image and label; every problem is a :class:`CaseError` naming the file."""
     if case.format == "m3d":
         return _read_m3d(case)
-    data, img = _read_nifti(case.image)
     notes: list[str] = []
-    if data.ndim == 4 and data.shape[3] == 1 and not case.channels:
-        data = data[..., 0]
-    if data.ndim == 4 and case.channels:
-        index, note = _pick_channel(case, channel, data.shape[3])
-        data = data[..., index]
+
+    def pick(n: int) -> int:
+        if not case.channels:
+            raise CaseError(f"{case.image}: expected a 3D image, got {n} channels (the case table declares none)")
+        index, note = _pick_channel(case, channel, n)
         notes.append(note)
-    elif data.ndim != 3:
+        return index
+
+    data, img = _read_nifti(case.image, pick)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
         declared = f" (the case table declares {len(case.channels)} channels)" if case.channels else ""
         raise CaseError(f"{case.image}: expected a 3D image, got shape {data.shape}{declared}")
     if min(data.shape) < 1:
@@ -357,38 +385,43 @@ def _read_m3d(case: Case) -> RawVolume:
     return RawVolume(image, label, np.eye(4), (1.0, 1.0, 1.0), True, channels=mask, notes=notes)
 
 
-def segvol_intensity(vol: RawVolume) -> np.ndarray:
+def segvol_intensity(vol: RawVolume, consume: bool = False) -> np.ndarray:
     """The image normalised SegVol's way in raw array order: foreground normalisation (unless stored so),
-    then min-max to [0, 1]."""
-    return normalise_intensity(vol.image, vol.normalised)
+    then min-max to [0, 1]. ``consume`` normalises ``vol.image`` in place and detaches it from ``vol``, so no
+    second full-size volume is ever alive (the per-worker memory bound of the stages)."""
+    if not consume:
+        return normalise_intensity(vol.image, vol.normalised)
+    image, vol.image = vol.image, None
+    return normalise_intensity(image, vol.normalised, inplace=True)
 
 
-def normalise_intensity(image: np.ndarray, normalised: bool) -> np.ndarray:
-    """:func:`segvol_intensity` for a bare array; the input is never modified."""
+def normalise_intensity(image: np.ndarray, normalised: bool, inplace: bool = False) -> np.ndarray:
+    """:func:`segvol_intensity` for a bare array; the input is modified only with ``inplace``."""
     try:
-        out = image if normalised else foreground_normalize(image)
+        out = image if normalised else foreground_normalize(image, inplace)
     except ValueError as err:
         raise CaseError(str(err)) from None
-    return minmax(out.copy() if out is image else out)
+    return minmax(out.copy() if out is image and not inplace else out)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The two per-case jobs
 
 
-def grid_channels(vol: RawVolume, label_map: dict[int, str], grid: Sequence[int]) -> np.ndarray:
+def grid_channels(vol: RawVolume, shape: Sequence[int], label_map: dict[int, str],
+                  grid: Sequence[int]) -> np.ndarray:
     """Binary ground truth (K, *grid), one channel per class-map value in order, resized by nearest neighbour."""
     values = sorted(label_map)
     grid = tuple(grid)
     if vol.channels is not None:  # M3D-Seg: the stored channels, overlaps and all
         mask = vol.channels
         out = np.zeros((max(values) if values else 0, *grid), dtype=bool)
-        index = np.ix_(*(nearest_index(n, m) for n, m in zip(vol.image.shape, grid, strict=True)))
-        dense = np.zeros(vol.image.size, dtype=bool)
+        index = np.ix_(*(nearest_index(n, m) for n, m in zip(shape, grid, strict=True)))
+        dense = np.zeros(int(np.prod(shape)), dtype=bool)
         for k in range(min(mask.shape[0], out.shape[0])):
             dense[:] = False
             dense[mask.indices[mask.indptr[k]:mask.indptr[k + 1]]] = True
-            out[k] = dense.reshape(vol.image.shape)[index]
+            out[k] = dense.reshape(tuple(shape))[index]
         return out
     small = resize_nearest(vol.label, grid)
     return np.stack([small == v for v in values]) if values else np.zeros((0, *grid), dtype=bool)
@@ -396,14 +429,15 @@ def grid_channels(vol: RawVolume, label_map: dict[int, str], grid: Sequence[int]
 
 def pseudo_mask(case: Case, cfg: PseudoMaskConfig, channel: int | str = 0) -> tuple[np.ndarray, dict[str, Any]]:
     """SegVol's pseudo-mask of one labelled case: int16 ids on ``cfg.grid`` (raw array order), -1 = none."""
-    from segevo.data.pseudomask import cleanse_pseudo_label, pseudomask_case
+    from segevo.data.pseudomask import cleanse_pseudo_label, pseudomask_case, resize_area
 
     if case.label is None:
         raise CaseError(f"{case.key}: has no label; pseudo-masks need the ground truth painted on top")
     vol = read_case(case, channel)
     grid = tuple(cfg.grid)
-    image = resize_linear(segvol_intensity(vol), grid)
-    channels = grid_channels(vol, case.label_map, grid)
+    shape = vol.image.shape
+    image = resize_area(segvol_intensity(vol, consume=True), grid)
+    channels = grid_channels(vol, shape, case.label_map, grid)
     del vol
     raw = pseudomask_case(image, channels, cfg)
     cleaned = cleanse_pseudo_label(raw, cfg.cleanup_fraction)
@@ -442,19 +476,21 @@ def prepare_arrays(case: Case, roi: Sequence[int], channel: int | str = 0,
         raise CaseError(f"{case.key}: has no label")
     vol = read_case(case, channel)
     raw_shape = vol.image.shape
-    image = to_segvol_axes(segvol_intensity(vol))
-    start, end = foreground_box(image)
+    intensity = case_intensity(intensity_stats(vol.image, vol.label, case.label_map), case.label_map)
+    full = to_segvol_axes(segvol_intensity(vol, consume=True))
+    start, end = foreground_box(full)
     box = _box(start, end)
-    image = np.ascontiguousarray(image[box])
-    classes = tuple(case.label_map[v] for v in sorted(case.label_map))
+    image = np.ascontiguousarray(full[box])
+    del full  # from here on only the cropped volume is alive
+    classes = tuple(dict.fromkeys(case.label_map[v] for v in sorted(case.label_map)))  # merged values: one class
     if len(classes) > 255:
         raise CaseError(f"{case.key}: {len(classes)} classes do not fit a uint8 label map")
     lut = np.zeros(max(case.label_map) + 1, dtype=np.uint8)
-    for i, value in enumerate(sorted(case.label_map)):
-        lut[value] = i + 1
+    for value, name in case.label_map.items():
+        lut[value] = classes.index(name) + 1
     raw_label = to_segvol_axes(vol.label)
     label = lut[raw_label[box]]
-    counts = np.bincount(label.ravel(), minlength=len(classes) + 1)
+    counts = value_counts(label, minlength=len(classes) + 1)
     voxels = {name: int(counts[i + 1]) for i, name in enumerate(classes)}
     lost = int(np.count_nonzero(raw_label)) - int(counts[1:].sum())
     notes = list(vol.notes)
@@ -480,7 +516,7 @@ def prepare_arrays(case: Case, roi: Sequence[int], channel: int | str = 0,
     fields = {"classes": classes, "shape": tuple(int(s) for s in image.shape), "raw_shape": tuple(raw_shape),
               "crop_start": start, "crop_end": end, "spacing": spacing,
               "affine": tuple(tuple(float(x) for x in row) for row in vol.affine), "voxels": voxels,
-              "notes": tuple(notes)}
+              "notes": tuple(notes), "intensity": intensity}
     return arrays, fields
 
 
@@ -537,13 +573,6 @@ def _case_identity(case: Case, base: Path) -> dict[str, Any]:
     return {"key": case.key, "format": case.format, "image_sha256": case.image_sha256,
             "label_map": {str(k): v for k, v in sorted(case.label_map.items())}, "channels": list(case.channels),
             "files": files, "stats": _file_stats(case.image, case.label)}
-
-
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -689,7 +718,8 @@ def table_path(cfg: SegevoConfig) -> Path:
 
 
 def pseudo_params(cfg: SegevoConfig) -> dict[str, Any]:
-    return {"pseudomask": cfg.pseudomask.model_dump(mode="json"), "channel": cfg.preprocess.channel}
+    return {"pseudomask": cfg.pseudomask.model_dump(mode="json"), "channel": cfg.preprocess.channel,
+            "channels": cfg.preprocess.channels}
 
 
 def _pseudo_job(case: Case, cfg: PseudoMaskConfig, channel: int | str, out: Path, fingerprint: str,
@@ -717,7 +747,7 @@ def run_pseudomask(cfg: SegevoConfig, workers: int | None = None, force: bool = 
     cases, unlabelled = _labelled(table.cases)
     root = pseudo_dir(cfg)
     params = pseudo_params(cfg)
-    code = code_fingerprint("segevo.data.pseudomask", "segevo.data.preprocess")
+    code = code_fingerprint("segevo.data.pseudomask", "segevo.data.preprocess", "segevo.data.volumes")
     outputs: dict[str, Any] = {}
     jobs = []
     for case in _by_size(cases):
@@ -728,11 +758,12 @@ def run_pseudomask(cfg: SegevoConfig, workers: int | None = None, force: bool = 
             outputs[case.key] = done
         else:
             meta = {"source": case.source, "case_id": case.case_id, "raw_sha256": case.image_sha256, **params}
-            jobs.append((case.key, _pseudo_job, (case, cfg.pseudomask, cfg.preprocess.channel, out, fp, meta)))
+            jobs.append((case.key, _pseudo_job, (case, cfg.pseudomask, cfg.preprocess.channel_for(case.key), out,
+                                                 fp, meta)))
     index = root / PSEUDO_INDEX
     if jobs:
         index.unlink(missing_ok=True)  # never an index naming masks of two different runs
-    n = workers or cfg.preprocess.workers or default_workers()
+    n = workers or cfg.preprocess.workers or memory_bound_workers(job[2][0] for job in jobs)
     skipped = _run_jobs(jobs, n, "pseudomask", cfg.data.skip_bad_cases, outputs.__setitem__)
     keep = {root / k.split("/", 1)[0] / f"{k.split('/', 1)[1]}{ext}" for k in outputs for ext in (".npy", ".json")}
     _prune(root, keep | {index}, "*/*.*")
@@ -772,7 +803,8 @@ def _prep_job(case: Case, roi: tuple[int, ...], channel: int | str, pseudo_path:
                    zoom_label=f"{rel}/zoom_label.npy", locations=f"{rel}/locations.npy",
                    pseudo=f"{rel}/pseudo.npy" if pseudo is not None else None,
                    zoom_pseudo=f"{rel}/zoom_pseudo.npy" if pseudo is not None else None,
-                   raw_sha256=case.image_sha256, annotation=case.annotation, **fields)
+                   raw_sha256=case.image_sha256, annotation=case.annotation, subset=case.subset,
+                   segvol_seen=case.segvol_seen, **fields)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     old = None
@@ -805,7 +837,7 @@ def _reuse_prep(folder: Path, fingerprint: str) -> PrepCase | None:
             return None
         from segevo.data.manifest import _tupled
 
-        row = PrepCase(**{k: _tupled(v) if k != "voxels" else v for k, v in meta["row"].items()})
+        row = PrepCase(**{k: _tupled(v) if k not in ("voxels", "intensity") else v for k, v in meta["row"].items()})
     except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
         return None
     root = folder.parent.parent
@@ -815,7 +847,8 @@ def _reuse_prep(folder: Path, fingerprint: str) -> PrepCase | None:
 
 
 def prep_params(cfg: SegevoConfig) -> dict[str, Any]:
-    return {"roi_size": list(cfg.model.roi_size), "channel": cfg.preprocess.channel}
+    return {"roi_size": list(cfg.model.roi_size), "channel": cfg.preprocess.channel,
+            "channels": cfg.preprocess.channels}
 
 
 def run_preprocess(cfg: SegevoConfig, workers: int | None = None, force: bool = False) -> StageReport:
@@ -828,7 +861,8 @@ def run_preprocess(cfg: SegevoConfig, workers: int | None = None, force: bool = 
     pseudo_skipped = {f"{s['source']}/{s['case_id']}" for s in index.get("skipped", [])}
     root = prep_dir(cfg)
     params = prep_params(cfg)
-    code = code_fingerprint("segevo.data.preprocess", "segevo.data.manifest")
+    code = code_fingerprint("segevo.data.preprocess", "segevo.data.manifest", "segevo.data.summary",
+                            "segevo.data.volumes")
     outputs: dict[str, PrepCase] = {}
     jobs = []
     for case in _by_size(cases):
@@ -844,12 +878,12 @@ def run_preprocess(cfg: SegevoConfig, workers: int | None = None, force: bool = 
             outputs[case.key] = done
         else:
             pseudo_path = pseudo_dir(cfg) / entry["path"] if entry else None
-            jobs.append((case.key, _prep_job, (case, tuple(cfg.model.roi_size), cfg.preprocess.channel,
-                                               pseudo_path, folder, fp)))
+            jobs.append((case.key, _prep_job, (case, tuple(cfg.model.roi_size),
+                                               cfg.preprocess.channel_for(case.key), pseudo_path, folder, fp)))
     manifest = root / MANIFEST
     if jobs:
         manifest.unlink(missing_ok=True)  # a manifest never describes arrays of two different runs
-    n = workers or cfg.preprocess.workers or default_workers()
+    n = workers or cfg.preprocess.workers or memory_bound_workers(job[2][0] for job in jobs)
     skipped = _run_jobs(jobs, n, "preprocess", cfg.data.skip_bad_cases, outputs.__setitem__)
     _prune(root, {root / k for k in outputs} | {manifest}, "*/*")
     meta = {"code": code, **params, "pseudomask": index.get("pseudomask"), "axis_order": list(AXIS_ORDER),

@@ -265,12 +265,14 @@ def cleanse_pseudo_label(pseudo: np.ndarray, fraction: float = 0.001) -> np.ndar
     return out
 
 
-def _resize_linear(image: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
-    """Trilinear, ``align_corners=False``: what MONAI's ``Resize(mode='trilinear')`` does."""
+def resize_area(image: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
+    """MONAI ``Resize(spatial_size=grid)`` with its default ``mode='area'`` (no anti-aliasing), as SegVol's
+    ``pseudo_mask_process.py`` resizes the image before FH: each output voxel is the mean of its adaptive
+    average-pooling window (torch ``interpolate(mode='area')``); float32."""
     if image.shape == grid:
         return image.astype(np.float32, copy=False)
     t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=grid, mode="trilinear", align_corners=False)[0, 0].numpy()
+    return F.interpolate(t, size=grid, mode="area")[0, 0].numpy()
 
 
 def _resize_nearest(channels: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
@@ -286,8 +288,9 @@ def pseudomask_case(image: np.ndarray, label_channels: np.ndarray,
 
     ``image`` is the intensity-normalised (X, Y, Z) array, ``label_channels`` its binary (K, X, Y, Z) ground truth;
     ``cfg`` defaults to SegVol's settings.
-    The image is resized trilinearly; the labels by nearest neighbour, a deliberate deviation from SegVol's area
-    mode, which leaves fractional values that its overlay (``== 1``) then drops at every organ border.
+    The image is resized with MONAI's default area mode, as SegVol does; the labels by nearest neighbour, a
+    deliberate deviation from SegVol's area mode, which leaves fractional values that its overlay (``== 1``) then
+    drops at every organ border.
     """
     image, labels = np.asarray(image), np.asarray(label_channels)
     _check_image(image)
@@ -297,5 +300,5 @@ def pseudomask_case(image: np.ndarray, label_channels: np.ndarray,
         raise ValueError("label channels must be binary (0/1)")
     cfg = cfg or PseudoMaskConfig()
     grid = tuple(cfg.grid)
-    fh = felzenszwalb_3d(_resize_linear(image, grid), cfg.sigma, cfg.min_size, cfg.percentile)
+    fh = felzenszwalb_3d(resize_area(image, grid), cfg.sigma, cfg.min_size, cfg.percentile)
     return combine_gt_fh(fh, _resize_nearest(labels, grid))

@@ -8,9 +8,11 @@ not finish.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,10 @@ from segevo.config import DataConfig
 from segevo.data.cases import Case, CaseError, CaseTable, validate, write_case_table
 from segevo.data.fetch import cache_dir
 from segevo.data.formats import FormatError
+from segevo.data.resources import cores
 from segevo.data.sources import get_source
-from segevo.data.sources.base import SourceContext
-from segevo.data.vocabulary import LabelError
+from segevo.data.sources.base import Candidate, SourceContext
+from segevo.data.vocabulary import LabelError, canonical
 from segevo.io import atomic_write_json
 
 MARKER = ".segevo-source.json"
@@ -53,7 +56,26 @@ def raw_dir(cfg: DataConfig) -> Path:
 def _fingerprint(name: str, cfg: DataConfig) -> dict[str, Any]:
     module = get_source(name)
     return {"source": name, "version": module.VERSION, "options": module.options(cfg),
-            "skip_bad_cases": cfg.skip_bad_cases}
+            "skip_bad_cases": cfg.skip_bad_cases, "merge": cfg.merge.get(name, {})}
+
+
+def merge_classes(case: Case, merge: dict[str, list[str]]) -> Case:
+    """The case with the classes of each ``merge`` entry (target name -> names, in the unified vocabulary)
+    renamed to its target: several label values then share one name, and preprocessing makes them one class."""
+    rename = {canonical(old): canonical(new) for new, olds in merge.items() for old in olds}
+    if not rename:
+        return case
+    label_map = {value: rename.get(name, name) for value, name in case.label_map.items()}
+    return dataclasses.replace(case, label_map=label_map)
+
+
+def _check_merge(name: str, merge: dict[str, list[str]], classes: set[str]) -> None:
+    """A merge naming a class the source does not have is a typo, not a no-op."""
+    for target, olds in merge.items():
+        unknown = [old for old in olds if canonical(old) not in classes]
+        if unknown:
+            raise CaseError(f"data.merge.{name}.{target}: {unknown} are not classes of {name} "
+                            f"(it has: {', '.join(sorted(classes))})")
 
 
 def _load_marker(name: str, cfg: DataConfig) -> SourceResult | None:
@@ -95,17 +117,34 @@ def prepare_source(name: str, cfg: DataConfig, force: bool = False) -> SourceRes
     cases: list[Case] = []
     skipped: list[dict[str, str]] = []
     found = list(module.candidates(ctx))
-    for cand in tqdm(found, desc=f"{name}: checking cases", unit="case", disable=None, leave=False):
+
+    merge = cfg.merge.get(name, {})
+    classes: set[str] = set()
+
+    def check(cand: Candidate) -> Case | BaseException:
         try:
-            cases.append(validate(cand.build()))
+            case = cand.build()
+            classes.update(case.label_map.values())
+            return validate(merge_classes(case, merge))
         except bad as err:
-            message = f"{name}/{cand.case_id}: {err}"
+            return err
+
+    # hashing (hashlib) and reading NIfTI (zlib) release the GIL: threads check several cases at once
+    with ThreadPoolExecutor(max_workers=min(cores(), 8)) as pool:
+        checked = list(tqdm(pool.map(check, found), total=len(found), desc=f"{name}: checking cases",
+                            unit="case", disable=None, leave=False))
+    for cand, outcome in zip(found, checked, strict=True):
+        if isinstance(outcome, Case):
+            cases.append(outcome)
+        else:
+            message = f"{name}/{cand.case_id}: {outcome}"
             if not cfg.skip_bad_cases:
                 raise CaseError(f"{message} (set data.skip_bad_cases: true to leave such cases out)") from None
             log.warning("skipped %s", message)
-            skipped.append({"source": name, "case_id": cand.case_id, "reason": str(err)})
+            skipped.append({"source": name, "case_id": cand.case_id, "reason": str(outcome)})
     if not cases:
         raise CaseError(f"{name}: no usable case found under {ctx.dest}")
+    _check_merge(name, merge, classes)
     ids = [c.case_id for c in cases]
     if len(set(ids)) != len(ids):
         raise CaseError(f"{name}: case ids are not unique: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")

@@ -20,6 +20,7 @@ SOURCES: dict[str, str] = {
     "chaos": "segevo.data.sources.chaos",
     "promise12": "segevo.data.sources.promise12",
     "m3d_seg": "segevo.data.sources.m3d_seg",
+    "local": "segevo.data.sources.local",
 }
 
 

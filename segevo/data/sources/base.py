@@ -25,9 +25,11 @@ class SourceContext:
     force: bool = False
 
     def remote(self, default_base: str, filename: str, checksum: str | None) -> Remote:
-        """``filename`` under the source's base URL, or under ``data.mirrors[<source>]`` when set."""
+        """``filename`` under the source's base URL, or under ``data.mirrors[<source>]`` when set; the checksum
+        pinned in ``data.checksums["<source>/<file>"]`` wins over the code's (a publisher's own sha256 or md5)."""
         base = self.config.mirrors.get(self.name, default_base)
-        return Remote(f"{base.rstrip('/')}/{filename}", filename, checksum)
+        pinned = self.config.checksums.get(f"{self.name}/{filename}", checksum)
+        return Remote(f"{base.rstrip('/')}/{filename}", filename, pinned)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,17 @@ def _check_not_input(label: str, path: Path, inputs: list[tuple[str, Path]]) -> 
             raise OutputError(f"{label} {path}: {where}; refusing to write over an input")
 
 
+def _folders(named: Iterable[Named]) -> Iterable[tuple[str, Path]]:
+    """The given folder outputs as paths; a file where a folder goes is an error."""
+    for label, p in named:
+        if p is None:
+            continue
+        path = Path(p)
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{label} {path}: is a file; expected a folder")
+        yield label, path
+
+
 def preflight(outputs: Iterable[Named] = (), inputs: Iterable[Named] = (), folders: Iterable[Named] = (),
               replaced: Iterable[Named] = ()) -> None:
     """Raise :class:`OutputError` (naming the flag or key) unless every output can be written without touching
@@ -77,22 +88,12 @@ def preflight(outputs: Iterable[Named] = (), inputs: Iterable[Named] = (), folde
             raise OutputError(f"{label} {path}: is a directory; expected a file name")
         _check_not_input(label, path, given_inputs)
         _check_writable_folder(label, path, path.parent)
-    for label, p in folders:
-        if p is None:
-            continue
-        path = Path(p)
-        if path.exists() and not path.is_dir():
-            raise OutputError(f"{label} {path}: is a file; expected a folder")
+    for label, path in _folders(folders):
         for in_label, source in given_inputs:
             if not source.is_dir() and source.exists() and same_file(path, source):
                 raise OutputError(f"{label} {path}: is the input {in_label} {source}")
         _check_writable_folder(label, path, path)
-    for label, p in replaced:
-        if p is None:
-            continue
-        path = Path(p)
-        if path.exists() and not path.is_dir():
-            raise OutputError(f"{label} {path}: is a file; expected a folder")
+    for label, path in _folders(replaced):
         for in_label, source in given_inputs:
             if _inside(source, path) or _inside(path, source):
                 raise OutputError(f"{label} {path}: holds the input {in_label} {source}; the folder is replaced "

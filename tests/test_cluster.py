@@ -168,7 +168,8 @@ def test_readme_shows_the_commands_this_test_runs():
 
 
 def test_train_on_shared_storage_one_worker_per_node(cluster):
-    out = submit(cluster, "mri-lora-1", profile(cluster, "shared"))
+    # long enough (a few seconds) for the 1 s system-metrics sampler of every node to log
+    out = submit(cluster, "mri-lora-1", profile(cluster, "shared", steps_per_epoch=12))
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     text = out.stdout + out.stderr
     assert "Failed to query Ray Train Controller" not in text

@@ -42,6 +42,8 @@ bench: setup
 	python bench/model_forward.py
 	python bench/pseudomask.py
 	python bench/preprocess.py
+	python bench/preprocess_large.py
+	python bench/stale_cache.py
 	python bench/loader.py
 	python bench/model_step.py --size full --steps 5 --out bench/results/model_step_cpu_full.json
 	python bench/inference.py --size tiny --out bench/results/inference_cpu_tiny.json

@@ -19,8 +19,10 @@ import hashlib
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from segevo.errors import UserError
@@ -103,11 +105,24 @@ def _node_view(paths: list[str], tokens: dict[str, str]) -> dict[str, str]:
     return seen
 
 
-def check_shared_paths(uses: list[PathUse], timeout_s: float = 60.0) -> None:
-    """Every path is a URI or an absolute path that every alive node sees as the same place."""
+def on_every_node(fn: Callable[..., Any], *args: Any, what: str, timeout_s: float,
+                  retries: int = 0) -> dict[str, Any]:
+    """``fn(*args)`` once on each alive node (a zero-CPU task pinned there); ``{node address: result}``. A task
+    that has not finished within ``timeout_s`` is a :class:`ClusterError`."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    task = ray.remote(num_cpus=0, max_retries=retries)(fn)
+    refs = {n["NodeManagerAddress"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(*args) for n in alive_nodes()}
+    try:
+        return dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s), strict=True))
+    except ray.exceptions.GetTimeoutError as err:
+        raise ClusterError(f"{what} did not finish on every node within {timeout_s:g} s") from err
+
+
+def check_shared_paths(uses: list[PathUse], timeout_s: float = 60.0) -> None:
+    """Every path is a URI or an absolute path that every alive node sees as the same place."""
     nodes = alive_nodes()
     refuse_relative(uses, f"on a cluster of {len(nodes)} nodes it would resolve inside Ray's per-job copy of the "
                           f"working dir on each node")
@@ -131,14 +146,8 @@ def check_shared_paths(uses: list[PathUse], timeout_s: float = 60.0) -> None:
                 expected[use.path] = _fingerprint(use.path)
                 if expected[use.path] == "missing":
                     raise ClusterError(f"{use.key} {use.path}: not found on the driver's node")
-        probe = ray.remote(num_cpus=0, max_retries=0)(_node_view)
-        reads = [u.path for u in local if not u.write]
-        refs = {n["NodeManagerAddress"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            n["NodeID"], soft=False)).remote(reads, tokens) for n in nodes}
-        try:
-            views = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s), strict=True))
-        except ray.exceptions.GetTimeoutError as err:
-            raise ClusterError(f"the shared-path check did not finish on every node within {timeout_s:g} s") from err
+        views = on_every_node(_node_view, [u.path for u in local if not u.write], tokens,
+                              what="the shared-path check", timeout_s=timeout_s)
         for use in local:
             for address, view in views.items():
                 if view[use.path] != expected[use.path]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.cluster import ClusterError, alive_nodes, is_uri
+from pipeline.cluster import ClusterError, is_uri, on_every_node
 
 DATA_OUTS = ("prep", "split.json")
 
@@ -102,16 +102,11 @@ def stage_on_every_node(remote_url: str, version: dict[str, str], staging_dir: s
     """One pinned task per alive node; the staged folder (the same path on every node) and seconds per node."""
     import time
 
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    def timed(*args: object) -> tuple[str, float]:
+    def staging(*args: object) -> tuple[str, float]:
         start = time.perf_counter()
         return stage_here(*args), time.perf_counter() - start
 
-    task = ray.remote(num_cpus=0, max_retries=1)(timed)
-    refs = {n["NodeManagerAddress"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        n["NodeID"], soft=False)).remote(remote_url, version, staging_dir) for n in alive_nodes()}
-    results = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s), strict=True))
+    results = on_every_node(staging, remote_url, version, staging_dir, what="staging the data",
+                            timeout_s=timeout_s, retries=1)
     folders = {folder for folder, _ in results.values()}
     return folders.pop(), {address: round(seconds, 2) for address, (_, seconds) in results.items()}

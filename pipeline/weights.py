@@ -40,19 +40,17 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
 
 def run_check(args: argparse.Namespace) -> int:
     from segevo.model import SegVol, load_checkpoint
-    from segevo.model.checkpoint import CheckpointError
+    from segevo.model.checkpoint import CheckpointError, KeyMismatch
 
     cfg, source = config_from_args(args)
     model = SegVol(cfg.model)
     try:
         report = load_checkpoint(model, args.path, layout=args.layout, trust_pickle=args.trust_pickle)
-    except CheckpointError as err:
-        if "does not match the model" not in str(err):
-            raise
+    except KeyMismatch as err:
         fits = fitting_profiles(args.path, args.layout, args.trust_pickle)
         if not fits:
             raise
-        counts = "; ".join(part.split(":")[0] for part in str(err).split("does not match the model: ")[1].split("; "))
+        counts = "; ".join(f"{n} {kind}" for kind, n in err.counts.items())
         raise CheckpointError(f"{args.path}: does not fit the model of {source} ({counts}); its geometry is that "
                               f"of {', '.join(fits)}: rerun with --config {fits[0]}") from None
     print(f"checkpoint: {report.path}")
@@ -83,9 +81,9 @@ def fitting_profiles(path: str, layout: str, trust_pickle: bool) -> list[str]:
     shape, checked on shape-only (meta) models: no weights are built."""
     import torch
 
-    from segevo.config import load_config
+    from segevo.config import ConfigError, load_config
     from segevo.model import SegVol
-    from segevo.model.checkpoint import CheckpointError, canonical_state_dict, check_keys, read_checkpoint
+    from segevo.model.checkpoint import KeyMismatch, canonical_state_dict, check_keys, read_checkpoint
 
     repo = Path(__file__).resolve().parents[1]
     layout, sd, _ = canonical_state_dict(read_checkpoint(path, trust_pickle=trust_pickle), layout)
@@ -98,7 +96,7 @@ def fitting_profiles(path: str, layout: str, trust_pickle: bool) -> list[str]:
             target = model.image_encoder if layout == "vit" else model
             keys = {k.removeprefix("image_encoder."): v for k, v in sd.items()} if layout == "vit" else sd
             check_keys(target.state_dict(), keys)
-        except (CheckpointError, ValueError):
+        except (KeyMismatch, ConfigError):  # a mismatch, or a profile that does not load
             continue
         fits.append(str(profile.relative_to(repo)) if profile.is_relative_to(repo) else str(profile))
     return fits

@@ -37,6 +37,14 @@ class CheckpointError(UserError):
     """A checkpoint cannot be read, or does not match the model exactly."""
 
 
+class KeyMismatch(CheckpointError):
+    """The checkpoint's keys or shapes are not the model's; ``counts`` says how many of each kind differ."""
+
+    def __init__(self, message: str, counts: dict[str, int]):
+        super().__init__(message)
+        self.counts = counts
+
+
 @dataclass
 class LoadReport:
     path: str
@@ -204,7 +212,9 @@ def check_keys(expected: Mapping[str, torch.Tensor], sd: Mapping[str, object]) -
                 (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped tensors", misshaped))
                 if keys]
     if problems:
-        raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
+        counts = {kind: len(keys) for kind, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                      ("mis-shaped tensors", misshaped)) if keys}
+        raise KeyMismatch("checkpoint does not match the model: " + "; ".join(problems), counts)
 
 
 def check_checkpoint_file(path: str | Path, layout: str = "auto", trust_pickle: bool = False) -> str:
@@ -229,6 +239,8 @@ def load_checkpoint(model: SegVol, path: str | Path, layout: str = "auto",
         if layout == "vit":
             sd = {k[len("image_encoder."):]: v for k, v in sd.items()}
         check_keys(target.state_dict(), sd)
+    except KeyMismatch as err:
+        raise KeyMismatch(f"{path}: {err}", err.counts) from None
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
     check_finite(sd, path)

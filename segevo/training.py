@@ -138,7 +138,8 @@ class EpochStats:
 
 def train_epoch(engine: Any, loaders: Loaders, cfg: SegevoConfig, epoch: int, device: torch.device,
                 dtype: torch.dtype | None, log: Callable[[int, dict[str, float]], None] | None = None) -> EpochStats:
-    """One epoch. Losses stay on the device (no host sync per step) and are read once at the end."""
+    """One epoch. Losses stay on the device and are read once at the end; the one host sync per step is the tiny
+    all-reduce of which optimizer groups the step uses (``idle_groups``), needed before ``engine.step``."""
     model: AdaptedSegVol = engine.module
     optimizer: GroupedAdamW = engine.client_optimizer
     names = [g["name"] for g in optimizer.param_groups]

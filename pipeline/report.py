@@ -115,17 +115,44 @@ def _solid(colour: str):
 # ---- priors -----------------------------------------------------------------------------------------------------
 
 
+def prior_labels(model) -> list[str]:
+    """Names of the learned priors: tasks (the null task left out), then modality pools in brackets."""
+    return [f"{c} ({d})" for d, c in model.tasks.pairs[1:]] + [f"[{m}]" for m in model.modalities]
+
+
 def prior_vectors(model) -> tuple[list[str], np.ndarray]:
     """One vector per learned task and modality prior (the mean of its pool), labelled; the null task is left out."""
     priors = model.priors
     tasks = priors.task_pool.detach().float().mean(1).cpu().numpy()[1:]
     modalities = priors.modality_pool.detach().float().mean(1).cpu().numpy()
-    labels = [f"{c} ({d})" for d, c in model.tasks.pairs[1:]] + [f"[{m}]" for m in model.modalities]
-    return labels, np.concatenate([tasks, modalities])
+    return prior_labels(model), np.concatenate([tasks, modalities])
+
+
+def _heatmap(plt, matrix: np.ndarray, labels: list[str], title: str, path: Path, **imshow) -> None:
+    fig, ax = plt.subplots(figsize=(0.12 * len(labels) + 4, 0.12 * len(labels) + 3.5))
+    im = ax.imshow(matrix, **imshow)
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
+    ax.set_yticks(range(len(labels)), labels, fontsize=5)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, shrink=0.6)
+    _save(fig, path)
+
+
+def prior_attention(model, folder: Path) -> dict:
+    """The poster's figure: the first fusion block's self-attention among the learned priors (row: the prior that
+    attends, softmax over all priors in one sequence). Empty when the block has no self-attention."""
+    if not model.priors_cfg.self_attention:
+        return {}
+    affinity = model.priors.self_attention_affinity().float().cpu().numpy()
+    labels = prior_labels(model)
+    _heatmap(pyplot(), affinity, labels, "Self-attention among prior tokens (fusion block 1)",
+             folder / "priors_attention.png", cmap="viridis", vmin=0)
+    return {"attention": "priors_attention.png", "attention_self_share": float(np.diag(affinity).mean())}
 
 
 def prior_analysis(model, folder: Path) -> dict:
-    """PCA embedding and cosine-similarity heatmap of the prior tokens: do similar tasks' priors correlate?"""
+    """PCA embedding and cosine-similarity heatmap of the prior tokens (do similar tasks' priors correlate?), and
+    their self-attention in the fusion block."""
     plt = pyplot()
     labels, vectors = prior_vectors(model)
     if len(labels) < 2:
@@ -146,16 +173,11 @@ def prior_analysis(model, folder: Path) -> dict:
     _save(fig, folder / "priors_pca.png")
     unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     sim = unit @ unit.T
-    fig, ax = plt.subplots(figsize=(0.12 * len(labels) + 4, 0.12 * len(labels) + 3.5))
-    im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
-    ax.set_yticks(range(len(labels)), labels, fontsize=5)
-    ax.set_title("Cosine similarity of prior tokens")
-    fig.colorbar(im, ax=ax, shrink=0.6)
-    _save(fig, folder / "priors_similarity.png")
+    _heatmap(plt, sim, labels, "Cosine similarity of prior tokens", folder / "priors_similarity.png",
+             cmap="RdBu_r", vmin=-1, vmax=1)
     off = sim[~np.eye(len(labels), dtype=bool)]
     return {"pca": "priors_pca.png", "similarity": "priors_similarity.png", "tokens": len(labels),
-            "mean_offdiag_cosine": float(off.mean()), "explained": explained}
+            "mean_offdiag_cosine": float(off.mean()), "explained": explained, **prior_attention(model, folder)}
 
 
 # ---- markdown ---------------------------------------------------------------------------------------------------
@@ -209,6 +231,12 @@ def _markdown(summary: dict, figures: dict, overlays: list[str], priors: dict, c
                   f"cosine similarity {priors['mean_offdiag_cosine']:.3f}; PCA explains "
                   f"{sum(priors['explained']):.0%} in two components.", "",
                   f"![PCA]({priors['pca']})", "", f"![similarity]({priors['similarity']})"]
+        if "attention" in priors:
+            n = priors["tokens"]
+            lines += ["", f"Self-attention of the first fusion block among the same {n} priors (each row a prior "
+                      "attending to all of them in one sequence, its pool averaged): on average a prior keeps "
+                      f"{priors['attention_self_share']:.0%} of its attention on itself (uniform: {1 / n:.0%}).",
+                      "", f"![self-attention]({priors['attention']})"]
     return "\n".join(lines) + "\n"
 
 

@@ -83,7 +83,7 @@ def _worker(config: dict) -> None:
     tasks = task_vocabulary(train_cases)
     device = training.device_for_worker()
     dtype = training.autocast_dtype(cfg, device)
-    model = training.build_model(cfg, tasks).to(device)
+    model = training.build_model(cfg, tasks, sorted({c.modality for c in train_cases})).to(device)
     loaders = training.make_loaders(cfg, root / "prep", train_cases, val_cases, tasks, rank, world)
     engine = training.make_engine(model, cfg, loaders.steps_per_epoch * cfg.train.epochs)
 

@@ -197,7 +197,14 @@ class AdaptersConfig(_Section):
 
 
 class PriorsConfig(_Section):
-    """HERMES-style context priors on top of SegVol; zero-initialised gates keep step 0 equal to SegVol."""
+    """HERMES-style context priors on top of SegVol; zero-initialised gates keep step 0 equal to SegVol.
+
+    Each part has a switch for ablations: ``self_attention`` (priors attend to each other in every fusion
+    block), ``fuse_image`` (the image path: image tokens attend back to the priors, gated into the ViT
+    tokens), ``posterior_prototype`` (the prototype path into the mask decoder, of kind ``prototype``),
+    ``modality_pools`` (one modality prior per modality name, or per expert) and ``modality_loss_weight``
+    (HERMES' modality classification from the modality posterior tokens; 0 builds no head).
+    """
 
     enabled: bool = True
     pool_size: int = Field(4, gt=0)
@@ -205,8 +212,15 @@ class PriorsConfig(_Section):
     depth: int = Field(1, gt=0)
     num_heads: int = Field(8, gt=0)
     mlp_ratio: float = Field(2.0, gt=0)
-    prototype: Literal["additive", "multiplicative"] = "additive"
+    self_attention: bool = True
     fuse_image: bool = True
+    posterior_prototype: bool = True
+    prototype: Literal["additive", "multiplicative"] = "additive"
+    modality_pools: Literal["name", "expert"] = "name"
+    # Modality names with a pool of their own besides the experts' (e.g. MRI-T1, MRI-T2); training adds the
+    # names its cases carry. A name without a pool uses its expert's.
+    modalities: list[str] = Field(default_factory=list)
+    modality_loss_weight: float = Field(0.01, ge=0)
     apply_to_identity: bool = False
     # Training only: each row's task becomes the null task with this probability, so the null prior that
     # `predict` falls back to (no --text, or a class outside the vocabulary) is trained for that use.
@@ -214,9 +228,12 @@ class PriorsConfig(_Section):
     tasks: list[tuple[str, str]] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> PriorsConfig:
+    def _check(self) -> PriorsConfig:
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.enabled and not (self.fuse_image or self.posterior_prototype):
+            raise ValueError("fuse_image and posterior_prototype are both off, so the priors cannot change the "
+                             "output: turn one on, or set enabled: false")
         return self
 
 

@@ -2,12 +2,13 @@
 
 Prompts arrive as tensors from the data side (boxes, padded points, class names, task ids), so the step
 builds nothing on the host and never waits on the device. Label -1 is ignored by both terms (SegVol maps it
-to background).
+to background). With the priors' modality head, HERMES' auxiliary modality classification (cross-entropy of
+each row's modality pool from its modality posterior tokens) is added with ``priors.modality_loss_weight``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,14 @@ def dice_bce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
 class LossOutput:
     total: torch.Tensor
     per_combination: dict[str, torch.Tensor]  # mean Dice + BCE per combination, detached
+    auxiliary: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted auxiliary terms, detached
+
+
+def modality_loss(state: dict) -> torch.Tensor | None:
+    """Mean cross-entropy of the rows' modality pools from the modality head's logits (None without the head)."""
+    if "modality_logits" not in state:
+        return None
+    return F.cross_entropy(state["modality_logits"].float(), state["modality_targets"])
 
 
 def combination_loss(model: AdaptedSegVol, batch: TrainBatch, cfg: LossConfig) -> LossOutput:
@@ -70,12 +79,17 @@ def combination_loss(model: AdaptedSegVol, batch: TrainBatch, cfg: LossConfig) -
         pseudo = Prompts(None, batch.pseudo_boxes, (batch.pseudo_point_coords, batch.pseudo_point_labels))
         requests += [(c, pseudo) for c in cfg.pseudo_combinations]
         targets += [batch.pseudo_target] * len(cfg.pseudo_combinations)
-    logits = model.forward_requests(batch.image, batch.modalities, requests, batch.task_ids)
+    logits, state = model.forward_batch(batch.image, batch.modalities, requests, batch.task_ids)
     dice, bce = dice_bce(logits.flatten(0, 1), torch.cat(targets))
     per_row = (cfg.dice_weight * dice + cfg.bce_weight * bce).reshape(len(requests), b).mean(dim=1)
     n_main = len(cfg.combinations)
     total = per_row[:n_main].sum()
     if use_pseudo:
         total = total + cfg.pseudo_weight * per_row[n_main:].sum()
+    auxiliary = {}
+    modality = modality_loss(state)
+    if modality is not None:
+        total = total + model.priors_cfg.modality_loss_weight * modality
+        auxiliary["modality"] = modality.detach()
     names = [c for c, _ in requests[:n_main]] + [f"pseudo:{c}" for c, _ in requests[n_main:]]
-    return LossOutput(total, dict(zip(names, per_row.detach().unbind(0), strict=True)))
+    return LossOutput(total, dict(zip(names, per_row.detach().unbind(0), strict=True)), auxiliary)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -40,14 +40,17 @@ def autocast_dtype(cfg: SegevoConfig, device: torch.device) -> torch.dtype | Non
     return None
 
 
-def build_model(cfg: SegevoConfig, tasks: TaskVocabulary) -> AdaptedSegVol:
+def build_model(cfg: SegevoConfig, tasks: TaskVocabulary, modalities: Sequence[str] = ()) -> AdaptedSegVol:
     """The model to fine-tune, seeded so every rank starts from the same weights; without ``base_weights`` the
-    base is that seed's random init, recorded in the adapter checkpoint so evaluation can rebuild it."""
+    base is that seed's random init, recorded in the adapter checkpoint so evaluation can rebuild it.
+    ``modalities`` (the training cases' modality names) join ``priors.modalities``, so each gets its own
+    modality prior pool; the adapter checkpoint's priors config records them."""
     torch.manual_seed(cfg.loader.seed)
     base = SegVol(cfg.model)
     if cfg.train.base_weights:
         load_checkpoint(base, cfg.train.base_weights)
-    model = AdaptedSegVol(base, cfg.adapters, cfg.priors, tasks)
+    priors = cfg.priors.model_copy(update={"modalities": list(dict.fromkeys([*cfg.priors.modalities, *modalities]))})
+    model = AdaptedSegVol(base, cfg.adapters, priors, tasks)
     model.base_origin = {"weights": cfg.train.base_weights,
                          "seed": None if cfg.train.base_weights else cfg.loader.seed}
     return model
@@ -163,7 +166,7 @@ def train_epoch(engine: Any, loaders: Loaders, cfg: SegevoConfig, epoch: int, de
         engine.backward(out.total)
         engine.step()
         total += out.total.detach()
-        for k, v in out.per_combination.items():
+        for k, v in {**out.per_combination, **out.auxiliary}.items():
             sums[k] = sums.get(k, torch.zeros((), device=device)) + v
         n += 1
         if log is not None and (step + 1) % 10 == 0:

@@ -2,7 +2,8 @@
 
 Rows of a batch may mix modalities and tasks. Rows routed to an identity expert compute exactly the
 pretrained SegVol (the priors skip them too, unless ``priors.apply_to_identity``); other rows go through
-their LoRA expert and the priors.
+their LoRA expert and the priors. A row's modality name picks its expert (``MRI-T2`` -> ``MRI``) and its
+modality prior pool (``MRI-T2``'s own, when the priors keep one per name).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from segevo.config import AdaptersConfig, PriorsConfig
 from segevo.model.adapters import MixtureOfAdapters, expert_of
 from segevo.model.priors import ContextPriors, TaskVocabulary
+from segevo.model.prototypes import DecoderInputs
 from segevo.model.segvol import Points, Prompts, SegVol
 
 Requests = Sequence[tuple[str, Prompts]]
@@ -27,7 +29,7 @@ class AdaptedSegVol(nn.Module):
         super().__init__()
         self.adapters_cfg = adapters or AdaptersConfig()
         self.priors_cfg = priors or PriorsConfig()
-        self.modalities = list(self.adapters_cfg.experts)
+        self.modalities = modality_pool_names(self.adapters_cfg, self.priors_cfg)
         self.tasks = tasks or TaskVocabulary(self.priors_cfg.tasks)
         self.base = base
         base.requires_grad_(False)
@@ -69,6 +71,14 @@ class AdaptedSegVol(nn.Module):
         default = self.base.cfg.text.template
         return [self.adapters_cfg.templates.get(e, default) for e in experts]
 
+    def modality_ids(self, names: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Each row's modality pool: its own name's when it has one (``modality_pools: name``), else its
+        expert's."""
+        by_name = self.priors_cfg.modality_pools == "name"
+        return torch.tensor([self.modalities.index(n if by_name and n in self.modalities
+                                                   else expert_of(self.adapters_cfg, n)) for n in names],
+                            dtype=torch.long, device=device)
+
     def task_ids(self, task: torch.Tensor | Sequence | None, b: int, device: torch.device) -> torch.Tensor:
         """Task ids from ids, (dataset, class) pairs or class names; None (or unknown) is the null task."""
         if task is None:
@@ -85,10 +95,11 @@ class AdaptedSegVol(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------------------
 
-    def encode(self, image: torch.Tensor, experts: list[str], task_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def encode(self, image: torch.Tensor, experts: list[str], task_ids: torch.Tensor,
+               modalities: Sequence[str] | None = None) -> tuple[torch.Tensor, dict]:
         """Image embedding (B, C, *feat) through each row's expert and the prior fusion (image validated by the
         caller, ``forward_requests``)."""
-        return self.with_priors(self.image_tokens(image, experts), experts, task_ids)
+        return self.with_priors(self.image_tokens(image, experts), experts, task_ids, modalities)
 
     def image_tokens(self, image: torch.Tensor, experts: list[str]) -> torch.Tensor:
         """ViT tokens (B, N, C) through each row's expert: the task-independent part of ``encode``, which
@@ -96,18 +107,25 @@ class AdaptedSegVol(nn.Module):
         with self._route(experts, image.device):
             return self.base.image_encoder(image)
 
-    def with_priors(self, tokens: torch.Tensor, experts: list[str],
-                    task_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The prior fusion on ViT tokens, then the (B, C, *feat) embedding and the decoder's prior state."""
+    def with_priors(self, tokens: torch.Tensor, experts: list[str], task_ids: torch.Tensor,
+                    modalities: Sequence[str] | None = None) -> tuple[torch.Tensor, dict]:
+        """The prior fusion on ViT tokens, then the (B, C, *feat) embedding and the decoder's prior state.
+
+        ``modalities`` are the rows' modality names, which pick the modality pools (default: the experts').
+        The state holds the row weights, the task posteriors and, with the modality head, ``modality_logits``
+        and ``modality_targets`` (each row's pool id) for the auxiliary loss."""
         b, device = tokens.shape[0], tokens.device
         state: dict = {}
         adapt = self._prior_rows(experts)
         # Without gradients, rows the priors leave alone need no prior computation at all.
         if self.priors is not None and (torch.is_grad_enabled() or any(adapt)):
             weight = torch.tensor(adapt, dtype=tokens.dtype, device=device)
-            modality_ids = torch.tensor([self.modalities.index(e) for e in experts], device=device)
-            tokens, task_tokens = self.priors.fuse(tokens, task_ids, modality_ids, weight)
-            state = {"weight": weight, "task_tokens": task_tokens}
+            modality_ids = self.modality_ids(experts if modalities is None else modalities, device)
+            fused = self.priors.fuse(tokens, task_ids, modality_ids, weight)
+            tokens = fused.tokens
+            state = {"weight": weight, "task_tokens": fused.task_tokens}
+            if fused.modality_logits is not None:
+                state.update(modality_logits=fused.modality_logits, modality_targets=modality_ids)
         emb = tokens.transpose(1, 2).reshape(b, -1, *self.base.cfg.feat_shape)
         return emb, state
 
@@ -119,31 +137,44 @@ class AdaptedSegVol(nn.Module):
         """Logits (K, B, 1, *roi) for K (combination, prompts) requests, all in one decoder batch."""
         b, k = emb.shape[0], len(requests)
         posterior = None
-        if state:
+        if state and self.priors_cfg.posterior_prototype:
             row_samples = torch.arange(b, device=emb.device).repeat(k)
             row_weight = state["weight"].repeat(k)
-            kind = self.priors_cfg.prototype
 
-            def posterior(sparse: torch.Tensor, mask: torch.Tensor | None):
-                proto = self.priors.posterior(state["task_tokens"], sparse, mask, row_samples, row_weight)
-                return (proto, None) if kind == "additive" else (None, proto)
+            def posterior(sparse: torch.Tensor, mask: torch.Tensor | None) -> DecoderInputs:
+                return self.priors.posterior(state["task_tokens"], sparse, mask, row_samples, row_weight)
 
         with self._route(experts * k, emb.device):
             return self.base.decode_combinations(emb, requests, self.templates(experts), posterior)
+
+    def _rows(self, image: torch.Tensor, modality: str | Sequence[str], requests: Requests,
+              task: torch.Tensor | Sequence | None) -> tuple[list[str], list[str], torch.Tensor]:
+        """Each row's modality name, expert and task id, after checking image and prompts."""
+        b = image.shape[0] if isinstance(image, torch.Tensor) and image.dim() else 0
+        experts = self.experts_of(modality, b)
+        names = [modality] * b if isinstance(modality, str) else list(modality)
+        task_ids = self.task_ids(task, b, image.device)
+        self.base._check_image(image)
+        for prompts in {id(p): p for _, p in requests}.values():  # clear errors before rows are split up
+            self.base._check_prompts(b, prompts.text, prompts.boxes, prompts.points)
+        return names, experts, task_ids
+
+    def forward_batch(self, image: torch.Tensor, modality: str | Sequence[str], requests: Requests,
+                      task: torch.Tensor | Sequence | None = None) -> tuple[torch.Tensor, dict]:
+        """Every row in one batch (routing by masks), as training runs: logits (K, B, 1, *roi) and the priors'
+        state (``modality_logits`` and ``modality_targets`` feed the auxiliary loss)."""
+        names, experts, task_ids = self._rows(image, modality, requests, task)
+        emb, state = self.encode(image, experts, task_ids, names)
+        return self.decode(emb, state, experts, requests), state
 
     def forward_requests(self, image: torch.Tensor, modality: str | Sequence[str], requests: Requests,
                          task: torch.Tensor | Sequence | None = None) -> torch.Tensor:
         """Logits (K, B, 1, *roi). Training runs every row in one batch (routing by masks); without gradients
         rows are grouped by expert and each group runs with its LoRA merged into the weights (no LoRA cost)."""
-        b = image.shape[0] if isinstance(image, torch.Tensor) and image.dim() else 0
-        experts = self.experts_of(modality, b)
-        task_ids = self.task_ids(task, b, image.device)
-        self.base._check_image(image)
-        for prompts in {id(p): p for _, p in requests}.values():  # clear errors before rows are split up
-            self.base._check_prompts(b, prompts.text, prompts.boxes, prompts.points)
         if self.moa is None or torch.is_grad_enabled():
-            emb, state = self.encode(image, experts, task_ids)
-            return self.decode(emb, state, experts, requests)
+            return self.forward_batch(image, modality, requests, task)[0]
+        names, experts, task_ids = self._rows(image, modality, requests, task)
+        b = len(names)
         out = None
         for expert in dict.fromkeys(experts):
             rows = [i for i, e in enumerate(experts) if e == expert]
@@ -151,7 +182,7 @@ class AdaptedSegVol(nn.Module):
             sub = [(combo, _take(p, rows, index)) for combo, p in requests]
             with self.expert_context(expert):
                 emb, state = self.encode(image.index_select(0, index), [expert] * len(rows),
-                                         task_ids.index_select(0, index))
+                                         task_ids.index_select(0, index), [names[i] for i in rows])
                 logits = self.decode(emb, state, [expert] * len(rows), sub)
             if out is None:
                 out = logits.new_empty(logits.shape[0], b, *logits.shape[2:])
@@ -187,7 +218,8 @@ class AdaptedSegVol(nn.Module):
         """The parameter groups that rows of these modalities train (their LoRA experts; the priors when they act)."""
         experts = self.experts_of(modality, len(modality))
         used = {e for e in experts if self.moa is not None and e in self.moa.lora_experts}
-        if any(self.priors_apply(e) for e in experts):
+        head = self.priors is not None and self.priors.modality_head is not None
+        if head or any(self.priors_apply(e) for e in experts):  # the modality head learns from every row
             used.add("priors")
         return used
 
@@ -195,6 +227,14 @@ class AdaptedSegVol(nn.Module):
         counts = dict(self.moa.trainable_counts()) if self.moa is not None else {}
         counts["priors"] = self.priors.trainable_count() if self.priors is not None else 0
         return counts
+
+
+def modality_pool_names(adapters: AdaptersConfig, priors: PriorsConfig) -> list[str]:
+    """The modality prior pools, in id order: one per expert, then (per name) one per further modality name."""
+    names = list(adapters.experts)
+    if priors.modality_pools == "name":
+        names += [n for n in dict.fromkeys(priors.modalities) if n not in names]
+    return names
 
 
 def _take(prompts: Prompts, rows: list[int], index: torch.Tensor) -> Prompts:

@@ -203,7 +203,8 @@ class PriorsConfig(_Section):
     block), ``fuse_image`` (the image path: image tokens attend back to the priors, gated into the ViT
     tokens), ``posterior_prototype`` (the prototype path into the mask decoder, of kind ``prototype``),
     ``modality_pools`` (one modality prior per modality name, or per expert) and ``modality_loss_weight``
-    (HERMES' modality classification from the modality posterior tokens; 0 builds no head).
+    (HERMES' modality classification from the modality posterior tokens of the rows the priors adapt; 0 builds
+    no head).
     """
 
     enabled: bool = True

@@ -3,7 +3,8 @@
 Prompts arrive as tensors from the data side (boxes, padded points, class names, task ids), so the step
 builds nothing on the host and never waits on the device. Label -1 is ignored by both terms (SegVol maps it
 to background). With the priors' modality head, HERMES' auxiliary modality classification (cross-entropy of
-each row's modality pool from its modality posterior tokens) is added with ``priors.modality_loss_weight``.
+each adapted row's modality pool from its modality posterior tokens) is added, weighted by
+``priors.modality_loss_weight``.
 """
 
 from __future__ import annotations
@@ -62,10 +63,14 @@ class LossOutput:
 
 
 def modality_loss(state: dict) -> torch.Tensor | None:
-    """Mean cross-entropy of the rows' modality pools from the modality head's logits (None without the head)."""
+    """Cross-entropy of each row's modality pool from the modality head's logits, averaged over the rows the
+    priors adapt (identity rows train nothing; a batch without such rows gives an exact, differentiable 0).
+    None without the head."""
     if "modality_logits" not in state:
         return None
-    return F.cross_entropy(state["modality_logits"].float(), state["modality_targets"])
+    ce = F.cross_entropy(state["modality_logits"].float(), state["modality_targets"], reduction="none")
+    weight = state["weight"].float()
+    return (ce * weight).sum() / weight.sum().clamp(min=1)
 
 
 def combination_loss(model: AdaptedSegVol, batch: TrainBatch, cfg: LossConfig) -> LossOutput:

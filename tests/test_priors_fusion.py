@@ -145,7 +145,8 @@ def test_modality_loss_is_the_cross_entropy_of_each_rows_pool(image):
     _, state = model.forward_batch(b.image, rows, [("box", Prompts(boxes=b.boxes))], b.task_ids)
     logits = state["modality_logits"].double()
     assert logits.shape == (3, 3) and state["modality_targets"].tolist() == [0, 2, 1]
-    expected = -(logits - logits.exp().sum(1, keepdim=True).log())[torch.arange(3), torch.tensor([0, 2, 1])].mean()
+    # the rows the priors adapt (MRI-T2, MRI), by hand; the CT row (identity expert) does not count
+    expected = -(logits - logits.exp().sum(1, keepdim=True).log())[[1, 2], [2, 1]].mean()
     torch.testing.assert_close(out.auxiliary["modality"].double(), expected, rtol=1e-5, atol=1e-6)
     without = combination_loss(plain, b, cfg.train.loss)
     assert not without.auxiliary
@@ -159,15 +160,24 @@ def test_zero_weight_builds_no_head_and_leaves_the_loss_alone(image):
     model.train()
     _, state = model.forward_batch(image, MODALITIES, [("box", Prompts(boxes=prompts(3)["boxes"]))])
     assert "modality_logits" not in state and modality_loss(state) is None
-    assert model.groups_used(["CT"]) == set()  # identity rows alone train nothing without the head
-    with_head, _ = build(config(priors=PRIORS))
-    assert with_head.groups_used(["CT"]) == {"priors"}  # the head learns from CT rows too
+
+
+def test_identity_rows_give_the_modality_loss_nothing(image):
+    """CT rows (identity expert) are not adapted by the priors: their modality loss is an exact 0 with zero
+    gradients, so a CT-only step may leave the priors idle."""
+    model, _ = build(config(priors={**PRIORS, "modality_loss_weight": 1.0}))
+    model.train()
+    assert model.groups_used(["CT", "CT"]) == set()
+    _, state = model.encode(image[:2], ["CT", "CT"], torch.tensor([1, 2]))
+    loss = modality_loss(state)
+    loss.backward()
+    assert loss == 0 and all(p.grad is None or not p.grad.any() for p in model.priors.parameters())
 
 
 def test_modality_loss_trains_the_modality_posterior_tokens(image):
     model, _ = build(config(priors={**PRIORS, "modalities": ["MRI-T1", "MRI-T2"], "modality_loss_weight": 1.0}))
     model.train()
-    rows = ["CT", "MRI-T1", "MRI-T2"]
+    rows = ["MRI", "MRI-T1", "MRI-T2"]
     experts = model.experts_of(rows, 3)
     params = [p for n, p in model.named_parameters() if n.startswith("priors.")]
     opt = torch.optim.Adam(params, lr=1e-2)
@@ -180,7 +190,7 @@ def test_modality_loss_trains_the_modality_posterior_tokens(image):
         loss.backward()
         if not losses:
             grad = model.priors.modality_pool.grad
-            assert grad[[0, 2, 3]].abs().sum(dim=(1, 2)).gt(0).all() and not grad[1].any()  # MRI: no row
+            assert grad[[1, 2, 3]].abs().sum(dim=(1, 2)).gt(0).all() and not grad[0].any()  # CT: no row
         losses.append(float(loss.detach()))
         opt.step()
     assert losses[-1] < 0.5 * losses[0]

@@ -218,8 +218,7 @@ class AdaptedSegVol(nn.Module):
         """The parameter groups that rows of these modalities train (their LoRA experts; the priors when they act)."""
         experts = self.experts_of(modality, len(modality))
         used = {e for e in experts if self.moa is not None and e in self.moa.lora_experts}
-        head = self.priors is not None and self.priors.modality_head is not None
-        if head or any(self.priors_apply(e) for e in experts):  # the modality head learns from every row
+        if any(self.priors_apply(e) for e in experts):
             used.add("priors")
         return used
 

@@ -627,6 +627,33 @@ class EvaluateConfig(_Section):
         return self
 
 
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+class CompareConfig(_Section):
+    """The comparison (``segevo evaluate --variants``): named variants, each an overlay in ``overlays`` trained
+    into ``models/<name>``, scored on the same cases with the same seeded prompts, and the paired differences of
+    every variant against each of ``references``."""
+
+    variants: tuple[str, ...] = ("base", "lora", "moa", "moa+priors", "lora+priors")
+    references: tuple[str, ...] = ("base", "lora")
+    overlays: str = "configs/variants"
+    models: str = "models/variants"
+    report: str = "reports/compare"
+
+    @model_validator(mode="after")
+    def _check(self) -> CompareConfig:
+        bad = [v for v in self.variants if not VARIANT_NAME.fullmatch(v)]
+        if bad or not self.variants:
+            raise ValueError(f"variants must be non-empty names of letters, digits and _.+-; got {bad or 'none'}")
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError("variants must not repeat a name")
+        missing = [r for r in self.references if r not in self.variants]
+        if missing:
+            raise ValueError(f"references {missing} are not among the variants {list(self.variants)}")
+        return self
+
+
 class SegevoConfig(_Section):
     """The whole configuration tree (one section per concern)."""
 
@@ -659,6 +686,7 @@ class SegevoConfig(_Section):
         return self
     inference: InferenceConfig = InferenceConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    compare: CompareConfig = CompareConfig()
 
 
 def format_error(source: str, err: ValidationError) -> str:
@@ -785,7 +813,7 @@ def apply_overrides(cfg: SegevoConfig, overrides: list[str]) -> SegevoConfig:
     ``data.sources=[demo]``), validated by the same schema; an error names the override and the key."""
     if not overrides:
         return cfg
-    data = cfg.model_dump(mode="json")
+    items = []
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -795,16 +823,37 @@ def apply_overrides(cfg: SegevoConfig, overrides: list[str]) -> SegevoConfig:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {key}: value {text!r} is not valid YAML: {str(err).splitlines()[0]}") from None
-        node, leaf = _section(data, key, f"--set {key}: ")
+        items.append((key, value))
+    return _set_keys(cfg, items, "--set")
+
+
+def apply_overlay(cfg: SegevoConfig, path: str | os.PathLike[str]) -> SegevoConfig:
+    """``cfg`` with a profile overlay applied: a YAML file of dotted keys and values, each set as ``--set`` would
+    (a section's value replaces the whole section). The comparison's variants (``configs/variants/``) are
+    overlays, so one variant means the same change on every profile."""
+    p = Path(path)
+    data = read_yaml(p) if p.is_file() else None
+    if data is None:
+        raise ConfigError(f"{p}: overlay file not found" if not p.exists() else f"{p}: not a file")
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ConfigError(f"{p}: an overlay is a mapping of dotted keys to values, e.g. 'priors.enabled: false'")
+    return _set_keys(cfg, list(data.items()), str(p))
+
+
+def _set_keys(cfg: SegevoConfig, items: list[tuple[str, Any]], label: str) -> SegevoConfig:
+    """Dotted keys set on a copy of ``cfg`` and validated; an error names ``label`` and the key."""
+    data = cfg.model_dump(mode="json")
+    for key, value in items:
+        node, leaf = _section(data, key, f"{label} {key}: ")
         parents = key.split(".")[:-1]
         if leaf not in node and not (parents and _open_mapping(parents)):
-            raise ConfigError(f"--set {key}: not a config key; {'.'.join(parents) or 'the config'} has: "
+            raise ConfigError(f"{label} {key}: not a config key; {'.'.join(parents) or 'the config'} has: "
                               f"{', '.join(node)}")
         node[leaf] = value
     try:
         return SegevoConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError("--set " + format_error("", err).removeprefix(": ")) from None
+        raise ConfigError(f"{label} " + format_error("", err).removeprefix(": ")) from None
 
 
 def _open_mapping(parents: list[str]) -> bool:

@@ -62,6 +62,14 @@ class AdaptedSegVol(nn.Module):
         """Whether the priors adapt rows of ``expert`` (never identity rows, unless ``priors.apply_to_identity``)."""
         return self.priors is not None and (self.priors_cfg.apply_to_identity or not self._is_identity(expert))
 
+    def computes_base(self, modality: str) -> bool:
+        """Whether rows of ``modality`` compute exactly the base SegVol: no expert update (an identity expert, or
+        no adapters), no priors on them, the base's text template. Such rows are bit-identical to the base model's
+        (an invariant the tests hold), so a comparison of models on one base computes them once."""
+        expert = self.experts_of(modality, 1)[0]
+        plain = self.moa is None or self._is_identity(expert)
+        return plain and not self.priors_apply(expert) and self.templates([expert])[0] == self.base.cfg.text.template
+
     def _prior_rows(self, experts: list[str]) -> list[bool]:
         return [self.priors_apply(e) for e in experts]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -44,13 +45,19 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in keys.items() if v is not None}
 
 
+def _run_prefix(args: argparse.Namespace) -> str:
+    """``run``, or the variant's name as a run name allows it (``moa+priors`` -> ``moa-priors``)."""
+    variant = getattr(args, "variant", None)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(variant).stem) if variant else "run"
+
+
 def run(args: argparse.Namespace) -> int:
     from segevo.config import parse_config
 
     cfg, source = config_from_args(args)
     train = {**cfg.train.model_dump(), **_overrides(args)}
     cfg = parse_config({**cfg.model_dump(), "train": train}, f"{source} with the command line")
-    run_id = cfg.train.run_id or time.strftime("run-%Y%m%d-%H%M%S")
+    run_id = cfg.train.run_id or time.strftime(f"{_run_prefix(args)}-%Y%m%d-%H%M%S")
     root, split, tracking_uri, timings = prepare(cfg, args)
     with ends_run_on_failure(cfg, run_id, tracking_uri):
         result, fit = launch(cfg, root, split, run_id, storage_uri(cfg), tracking_uri)

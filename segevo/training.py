@@ -1,9 +1,9 @@
-"""The fine-tuning recipe: one readable loop, no framework hiding it.
+"""The pieces of fine-tuning that :class:`segevo.recipe.FineTune` puts together: the model to train, the DeepSpeed
+engine, the loaders, one training epoch and validation.
 
-``pipeline/train.py`` runs ``run_worker`` once per Ray Train worker; this module knows nothing about Ray,
-MLflow or DVC: the launcher passes callbacks to report metrics and save/restore checkpoints. DeepSpeed wraps
-the trainable parameters (LoRA experts, priors) with ZeRO from the config; the frozen base stays in fp32 and
-bf16 runs under autocast, so the same code trains on a CPU (fp32, gloo) and on GPUs (bf16, NCCL).
+Nothing here knows about Ray, MLflow or DVC (the recipe gets those through its hooks). DeepSpeed wraps the
+trainable parameters (LoRA experts, priors) with ZeRO from the config; the frozen base stays in fp32 and bf16
+runs under autocast, so the same code trains on a CPU (fp32, gloo) and on GPUs (bf16, NCCL).
 """
 
 from __future__ import annotations

@@ -157,13 +157,15 @@ DECODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 class ExpertConfig(_Section):
-    """One Mixture-of-Adapters expert: ``identity`` (the pretrained SegVol, untouched) or a LoRA adapter.
+    """One Mixture-of-Adapters expert: ``identity`` (the pretrained SegVol, untouched), ``lora`` or ``dora``
+    (LoRA plus a learned per-output magnitude; same rank, alpha, dropout and targets). The kinds are the sibling
+    modules of ``segevo.model.experts``.
 
     ``vit_targets`` are module-name suffixes inside the image encoder, ``decoder_targets`` inside the mask
     decoder's two-way transformer (its attention projections by default).
     """
 
-    kind: Literal["identity", "lora"] = "lora"
+    kind: Literal["identity", "lora", "dora"] = "lora"
     rank: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -347,7 +349,7 @@ class TuneConfig(_Section):
     serves studies that several machines share. ``trials`` is the number of finished (complete or pruned) trials
     the study should hold, whichever processes ran them. A dead process's trial is failed once its heartbeat is
     ``grace_s`` old and retried ``retries`` times, resuming the dead run's checkpoint. ``space`` maps dotted config
-    keys to their ranges; unset, it is the rank of every LoRA expert, ``priors.pool_size`` and ``train.lr``.
+    keys to their ranges; unset, it is the rank of every LoRA or DoRA expert, ``priors.pool_size`` and ``train.lr``.
     """
 
     study: str = "segevo"
@@ -736,11 +738,11 @@ def _locate(data: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
 
 
 def search_space(cfg: SegevoConfig) -> dict[str, ParamSpec]:
-    """``tune.space``, or the default: the rank of every LoRA expert, the prior pool size, the learning rate."""
+    """``tune.space``, or the default: the rank of every LoRA or DoRA expert, the prior pool size, the learning rate."""
     if cfg.tune.space is not None:
         return dict(cfg.tune.space)
     space = {f"adapters.experts.{name}.rank": ParamSpec(type="categorical", choices=[4, 8, 16, 32])
-             for name, expert in cfg.adapters.experts.items() if expert.kind == "lora"}
+             for name, expert in cfg.adapters.experts.items() if expert.kind != "identity"}
     space["priors.pool_size"] = ParamSpec(type="categorical", choices=[1, 2, 4, 8, 16])
     space["train.lr"] = ParamSpec(type="float", low=1e-5, high=1e-2, log=True)
     return space

@@ -2,7 +2,7 @@
 
 Rows of a batch may mix modalities and tasks. Rows routed to an identity expert compute exactly the
 pretrained SegVol (the priors skip them too, unless ``priors.apply_to_identity``); other rows go through
-their LoRA expert and the priors.
+their expert (LoRA, DoRA) and the priors.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class AdaptedSegVol(nn.Module):
         return emb, state
 
     def expert_context(self, expert: str) -> AbstractContextManager[None]:
-        """For no-grad forwards of rows that all use ``expert``: its LoRA merged into the weights (no LoRA cost)."""
+        """For no-grad forwards of rows that all use ``expert``: its update merged into the weights."""
         return self.moa.inference(expert) if self.moa is not None else nullcontext()
 
     def decode(self, emb: torch.Tensor, state: dict, experts: list[str], requests: Requests) -> torch.Tensor:
@@ -142,7 +142,7 @@ class AdaptedSegVol(nn.Module):
     def forward_requests(self, image: torch.Tensor, modality: str | Sequence[str], requests: Requests,
                          task: torch.Tensor | Sequence | None = None) -> torch.Tensor:
         """Logits (K, B, 1, *roi). Training runs every row in one batch (routing by masks); without gradients
-        rows are grouped by expert and each group runs with its LoRA merged into the weights (no LoRA cost)."""
+        rows are grouped by expert and each group runs with its expert merged into the weights (no adapter cost)."""
         b = image.shape[0] if isinstance(image, torch.Tensor) and image.dim() else 0
         experts = self.experts_of(modality, b)
         task_ids = self.task_ids(task, b, image.device)
@@ -182,19 +182,19 @@ class AdaptedSegVol(nn.Module):
     # ---- bookkeeping ----------------------------------------------------------------------------------------
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The trainable parameters in the groups an optimizer steps together: one per LoRA expert, and the priors."""
+        """The trainable parameters in the groups an optimizer steps together: one per trained expert, the priors."""
         groups: dict[str, list[nn.Parameter]] = {}
         if self.moa is not None:
-            for name in self.moa.lora_experts:
+            for name in self.moa.trained_experts:
                 groups[name] = list(self.moa.expert_parameters(name).values())
         if self.priors is not None:
             groups["priors"] = list(self.priors.parameters())
         return groups
 
     def groups_used(self, modality: Sequence[str]) -> set[str]:
-        """The parameter groups that rows of these modalities train (their LoRA experts; the priors when they act)."""
+        """The parameter groups that rows of these modalities train (their experts; the priors when they act)."""
         experts = self.experts_of(modality, len(modality))
-        used = {e for e in experts if self.moa is not None and e in self.moa.lora_experts}
+        used = {e for e in experts if self.moa is not None and e in self.moa.trained_experts}
         if any(self.priors_apply(e) for e in experts):
             used.add("priors")
         return used

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from segevo.combinations import parts as combination_parts
 from segevo.config import EvaluateConfig
 from segevo.data.manifest import PrepCase
 from segevo.data.prompts import bounding_box, sample_points
@@ -68,7 +69,7 @@ def case_queries(case: PrepCase, label: np.ndarray, cfg: EvaluateConfig) -> list
         points, point_labels = coords[keep], labels[keep]
         task = (case.source, structure)
         for prompt in cfg.prompts:
-            parts = prompt.split("+")
+            parts = combination_parts(prompt)
             out.append((Sample(structure, prompt), Query(
                 structure if "text" in parts else None, box if "box" in parts else None,
                 points if "point" in parts else None, point_labels if "point" in parts else None, task)))

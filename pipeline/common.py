@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from segevo.config import SegevoConfig, apply_overlay, apply_overrides, load_config
+from segevo.config import SegevoConfig, apply_overlay, apply_overrides, default_profile, load_config
 from segevo.errors import UserError
 from segevo.guard import Named
 
@@ -50,10 +50,7 @@ def variant_file(cfg: SegevoConfig, variant: str) -> Path:
 
 def config_file(args: argparse.Namespace) -> str | None:
     """The config file a verb reads (an input no output may overwrite), or None for the built-in defaults."""
-    path = getattr(args, "config", None) or os.environ.get("SEGEVO_CONFIG")
-    if path is None and os.path.isfile("params.yaml"):
-        path = "params.yaml"
-    return path
+    return getattr(args, "config", None) or default_profile()
 
 
 def preflight(args: argparse.Namespace, outputs: Iterable[Named] = (), inputs: Iterable[Named] = (),

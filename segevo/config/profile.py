@@ -33,6 +33,9 @@ class SegevoConfig(_Section):
     tune: TuneConfig = TuneConfig()
     pseudomask: PseudoMaskConfig = PseudoMaskConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
+    inference: InferenceConfig = InferenceConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    compare: CompareConfig = CompareConfig()
 
     @model_validator(mode="after")
     def _check_space(self) -> SegevoConfig:
@@ -49,9 +52,6 @@ class SegevoConfig(_Section):
                 except ConfigError as err:
                     raise ValueError(f"tune.space.{key}: value {value!r}: {err}") from None
         return self
-    inference: InferenceConfig = InferenceConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    compare: CompareConfig = CompareConfig()
 
 
 def format_error(source: str, err: ValidationError) -> str:

@@ -23,9 +23,10 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from segevo.config import AdaptersConfig, ConfigError, ExpertConfig
+from segevo.errors import UserError
 
 
-class UnknownModality(ValueError):
+class UnknownModality(UserError):
     """A sample's modality has no expert and no fallback is configured."""
 
 

@@ -60,7 +60,7 @@ def print_report(stage: str, report, unit: str = "cases") -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from segevo.data.preprocess import run_preprocess
+    from segevo.data.preprocess.stages import run_preprocess
 
     cfg, source = config_from_args(args)
     preflight(args, folders=[("data.root", cfg.data.root)])

@@ -42,7 +42,8 @@ def minmax(image: np.ndarray) -> np.ndarray:
 
 
 def normalise_intensity(image: np.ndarray, normalised: bool, inplace: bool = False) -> np.ndarray:
-    """:func:`segvol_intensity` for a bare array; the input is modified only with ``inplace``."""
+    """:func:`~segevo.data.preprocess.case.segvol_intensity` for a bare array; the input is modified only with
+    ``inplace``."""
     try:
         out = image if normalised else foreground_normalize(image, inplace)
     except ValueError as err:

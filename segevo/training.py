@@ -22,13 +22,14 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from segevo.config import LoaderConfig, SegevoConfig
+from segevo.data.batch import TrainBatch
 from segevo.data.dataset import TrainDataset, collate
 from segevo.data.manifest import PrepCase
 from segevo.data.sampler import EpochSampler
-from segevo.losses import TrainBatch, combination_loss
+from segevo.data.tasks import TaskVocabulary
+from segevo.losses import combination_loss
 from segevo.model.adapted import AdaptedSegVol
 from segevo.model.checkpoint import load_checkpoint
-from segevo.model.priors import TaskVocabulary
 from segevo.model.segvol import Prompts, SegVol
 from segevo.optim import GroupedAdamW
 

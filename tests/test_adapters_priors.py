@@ -11,13 +11,14 @@ import torch
 from conftest import TINY
 
 from segevo.config import parse_config
-from segevo.losses import TrainBatch, combination_loss
+from segevo.data.batch import TrainBatch
+from segevo.data.tasks import TaskVocabulary
+from segevo.losses import combination_loss
 from segevo.model import SegVol, load_checkpoint
 from segevo.model.adapted import AdaptedSegVol
 from segevo.model.adapter_io import build_from_adapters, export_merged, save_adapters
 from segevo.model.adapters import UnknownModality
 from segevo.model.checkpoint import CheckpointError
-from segevo.model.priors import TaskVocabulary
 from segevo.model.segvol import Prompts
 
 TASKS = TaskVocabulary([("amos", "liver"), ("amos", "spleen"), ("chaos", "liver")])

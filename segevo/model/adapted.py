@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from segevo.config import AdaptersConfig, PriorsConfig
+from segevo.data.tasks import TaskVocabulary
 from segevo.model.adapters import MixtureOfAdapters, expert_of
-from segevo.model.priors import ContextPriors, TaskVocabulary
+from segevo.model.priors import ContextPriors
 from segevo.model.segvol import Points, Prompts, SegVol
 
 Requests = Sequence[tuple[str, Prompts]]

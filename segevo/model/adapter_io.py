@@ -14,10 +14,10 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from segevo.config import AdaptersConfig, ModelConfig, PriorsConfig, format_error
+from segevo.data.tasks import TaskVocabulary
 from segevo.io import atomic_write_bytes, atomic_write_json, read_json
 from segevo.model.adapted import AdaptedSegVol
 from segevo.model.checkpoint import CheckpointError, check_finite, check_keys
-from segevo.model.priors import TaskVocabulary
 from segevo.model.segvol import SegVol
 
 FORMAT = "segevo-adapters/1"

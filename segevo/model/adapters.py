@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from segevo.config import AdaptersConfig
+from segevo.errors import UserError
 from segevo.model.experts import Expert, make_expert
 
 
-class UnknownModality(ValueError):
+class UnknownModality(UserError):
     """A sample's modality has no expert and no fallback is configured."""
 
 

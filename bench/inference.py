@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _meta import REPO, write_result  # noqa: E402
 
 from segevo.config import InferenceConfig, load_config  # noqa: E402
+from segevo.data.tasks import TaskVocabulary  # noqa: E402
 from segevo.inference import Query, ZoomInference  # noqa: E402
-from segevo.model.priors import TaskVocabulary  # noqa: E402
 from segevo.training import build_model  # noqa: E402
 
 PROFILES = {"tiny": REPO / "params.yaml", "full": REPO / "configs" / "full.yaml"}

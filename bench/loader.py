@@ -55,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("SEGEVO_CACHE", str(REPO / ".cache" / "segevo" / "downloads"))
-    from segevo.data.preprocess import run_preprocess, run_pseudomask
+    from segevo.data.preprocess.stages import run_preprocess, run_pseudomask
     from segevo.data.raw import download_sources
 
     base = load_config(args.config)

@@ -32,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _meta import REPO, write_result  # noqa: E402
 
 from segevo.config import ModelConfig, SegevoConfig, load_config  # noqa: E402
-from segevo.losses import TrainBatch, combination_loss  # noqa: E402
+from segevo.data.batch import TrainBatch  # noqa: E402
+from segevo.data.tasks import TaskVocabulary  # noqa: E402
+from segevo.losses import combination_loss  # noqa: E402
 from segevo.model import SegVol  # noqa: E402
 from segevo.model.adapted import AdaptedSegVol  # noqa: E402
-from segevo.model.adapters import target_regex  # noqa: E402
-from segevo.model.priors import TaskVocabulary  # noqa: E402
+from segevo.model.experts.lora import target_regex  # noqa: E402
 
 TINY = {"roi_size": [16, 64, 64], "encoder": {"hidden_size": 96, "mlp_dim": 384, "num_layers": 2, "num_heads": 4},
         "decoder": {"num_heads": 4, "mlp_dim": 256},

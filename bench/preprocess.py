@@ -33,7 +33,7 @@ def _peak_rss_gib() -> float:
 
 
 def time_stages(cfg: SegevoConfig, workers: int) -> dict:
-    from segevo.data.preprocess import run_preprocess, run_pseudomask
+    from segevo.data.preprocess.stages import run_preprocess, run_pseudomask
 
     t0 = time.perf_counter()
     pseudo = run_pseudomask(cfg, workers=workers, force=True)

@@ -31,7 +31,7 @@ import json, resource, sys, time
 from pathlib import Path
 from segevo.config import PseudoMaskConfig
 from segevo.data.cases import Case
-from segevo.data.preprocess import prepare_arrays, pseudo_mask
+from segevo.data.preprocess.case import prepare_arrays, pseudo_mask
 import segevo.data.pseudomask  # what the forkserver preloads: loaded before the baseline
 kind, image, label = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 labels = {i: n for i, n in enumerate(["liver", "spleen", "left kidney", "right kidney", "aorta", "stomach"], 1)}

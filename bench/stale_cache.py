@@ -24,8 +24,9 @@ from _meta import REPO, write_result  # noqa: E402
 
 from segevo import training  # noqa: E402
 from segevo.config import parse_config  # noqa: E402
-from segevo.losses import TrainBatch, combination_loss  # noqa: E402
-from segevo.model.priors import TaskVocabulary  # noqa: E402
+from segevo.data.batch import TrainBatch  # noqa: E402
+from segevo.data.tasks import TaskVocabulary  # noqa: E402
+from segevo.losses import combination_loss  # noqa: E402
 from segevo.model.segvol import Prompts  # noqa: E402
 
 TINY = {

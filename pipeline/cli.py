@@ -57,6 +57,10 @@ def _add_config_options(parser: argparse.ArgumentParser, top: bool) -> None:
     parser.add_argument("--set", dest=f"sets_{where}", metavar="KEY=VALUE", action="append",
                         default=[] if top else argparse.SUPPRESS,
                         help="override a config key, e.g. --set train.lr=3e-4 (repeatable; YAML values)")
+    parser.add_argument("--variant", dest=f"variant_{where}", metavar="NAME",
+                        default=None if top else argparse.SUPPRESS,
+                        help="apply a variant overlay (a name in compare.overlays, e.g. lora, or a YAML file) before "
+                             "any --set")
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
@@ -64,14 +68,18 @@ def _add_config_options(parser: argparse.ArgumentParser, top: bool) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parsed flags with ``config`` (the one profile named, before or after the verb) and ``sets`` (every
-    ``--set``, front door first)."""
+    """Parsed flags with ``config`` (the one profile named, before or after the verb), ``variant`` (likewise) and
+    ``sets`` (every ``--set``, front door first)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     top, verb = args.config_top, getattr(args, "config_verb", None)
     if top is not None and verb is not None and top != verb:
         parser.error(f"--config given twice ({top} before the verb, {verb} after it): give one profile")
     args.config = verb or top
+    top_v, verb_v = args.variant_top, getattr(args, "variant_verb", None)
+    if top_v is not None and verb_v is not None and top_v != verb_v:
+        parser.error(f"--variant given twice ({top_v} before the verb, {verb_v} after it): give one variant")
+    args.variant = verb_v or top_v
     args.sets = [*args.sets_top, *getattr(args, "sets_verb", [])]
     return args
 

@@ -10,30 +10,47 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from segevo.config import SegevoConfig, apply_overrides, load_config
+from segevo.config import SegevoConfig, apply_overlay, apply_overrides, default_profile, load_config
 from segevo.errors import UserError
 from segevo.guard import Named
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[SegevoConfig, str]:
     """The config named by ``--config``, else ``$SEGEVO_CONFIG``, else ``params.yaml``, else the defaults, with
-    every ``--set KEY=VALUE`` applied (validated by the same schema)."""
+    the ``--variant`` overlay and then every ``--set KEY=VALUE`` applied (validated by the same schema)."""
     path = config_file(args)
     cfg = load_config(path)
     sets = list(getattr(args, "sets", None) or [])
     source = str(path) if path is not None else "built-in defaults"
+    variant = getattr(args, "variant", None)
+    if variant is not None:
+        overlay = variant_file(cfg, variant)
+        cfg = apply_overlay(cfg, overlay)
+        args.variant_file = str(overlay)  # an input like the config file: no output may overwrite it
+        source += f" with variant {overlay}"
     if sets:
         cfg = apply_overrides(cfg, sets)
         source += " with --set " + " ".join(sets)
     return cfg, source
 
 
+def variant_file(cfg: SegevoConfig, variant: str) -> Path:
+    """A variant's overlay: a YAML file given as a path, else ``<compare.overlays>/<name>.yaml``; an unknown name
+    is an error listing the variants that exist."""
+    if variant.endswith((".yaml", ".yml")) or os.sep in variant:
+        return Path(variant)
+    folder = Path(cfg.compare.overlays)
+    path = folder / f"{variant}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        raise UserError(f"--variant {variant}: no overlay {path} (variants in {folder}: "
+                        f"{', '.join(known) or 'none'})")
+    return path
+
+
 def config_file(args: argparse.Namespace) -> str | None:
     """The config file a verb reads (an input no output may overwrite), or None for the built-in defaults."""
-    path = getattr(args, "config", None) or os.environ.get("SEGEVO_CONFIG")
-    if path is None and os.path.isfile("params.yaml"):
-        path = "params.yaml"
-    return path
+    return getattr(args, "config", None) or default_profile()
 
 
 def preflight(args: argparse.Namespace, outputs: Iterable[Named] = (), inputs: Iterable[Named] = (),
@@ -42,7 +59,8 @@ def preflight(args: argparse.Namespace, outputs: Iterable[Named] = (), inputs: I
     the inputs: run before any work, so a bad output costs nothing and overwrites nothing."""
     from segevo.guard import preflight as check
 
-    check(outputs, [("--config", config_file(args)), *inputs], folders, replaced)
+    check(outputs, [("--config", config_file(args)), ("--variant", getattr(args, "variant_file", None)), *inputs],
+          folders, replaced)
 
 
 def torch_device(name: str | None) -> Any:
@@ -79,6 +97,22 @@ def prepared_data(cfg: SegevoConfig) -> tuple[Path, list, dict]:
         raise UserError(f"train.subset {subset!r}: {root / 'split.json'} has subsets {sorted(split['subsets'])}")
     check_prep_arrays(cases, root / "prep")
     return root, cases, split
+
+
+def evaluation_cases(cfg: SegevoConfig, split_name: str, max_cases: int | None) -> tuple[Path, list]:
+    """The prep folder and the cases of one split (at most ``max_cases``), each checked to be in the manifest."""
+    root, cases, split = prepared_data(cfg)
+    split_path = root / "split.json"
+    keys = split.get(split_name, [])
+    if not keys:
+        raise UserError(f"{split_path}: the {split_name!r} split is empty ({len(split.get('train', []))} training "
+                         "cases): set evaluate.split or raise split.test_fraction")
+    by_key = {c.key: c for c in cases}
+    missing = [k for k in keys if k not in by_key]
+    if missing:
+        raise UserError(f"{split_path}: case {missing[0]} is not in the manifest (rerun 'segevo split')")
+    chosen = [by_key[k] for k in keys]
+    return root / "prep", chosen[:max_cases] if max_cases else chosen
 
 
 def csv_bytes(rows: list[dict[str, Any]], fields: list[str]) -> bytes:

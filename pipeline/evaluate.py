@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import config_from_args, csv_bytes, preflight, prepared_data, torch_device
+from pipeline.common import config_from_args, csv_bytes, evaluation_cases, preflight, torch_device
 from pipeline.flags import device, int_at_least, run_name
 from segevo.errors import UserError
 
@@ -33,23 +33,12 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("--max-cases", type=int_at_least(1), help="evaluate at most this many cases")
     p.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--run-id", type=run_name,
-                   help="MLflow run to log to (default: the training run in metrics/train.json)")
+                   help="MLflow run to log to (default: the training run in metrics/train.json; 'compare' for "
+                        "--variants)")
+    p.add_argument("--variants", nargs="*", metavar="NAME[=PATH]",
+                   help="compare several models on the same cases and prompts (default list: compare.variants): a "
+                        "variant name, or NAME=ADAPTER_FOLDER ('none' for the plain base); writes compare.report")
     p.set_defaults(run=run)
-
-
-def _cases(cfg, split_name: str, max_cases: int | None) -> tuple[Path, list]:
-    root, cases, split = prepared_data(cfg)
-    split_path = root / "split.json"
-    keys = split.get(split_name, [])
-    if not keys:
-        raise UserError(f"{split_path}: the {split_name!r} split is empty ({len(split.get('train', []))} training "
-                         "cases): set evaluate.split or raise split.test_fraction")
-    by_key = {c.key: c for c in cases}
-    missing = [k for k in keys if k not in by_key]
-    if missing:
-        raise UserError(f"{split_path}: case {missing[0]} is not in the manifest (rerun 'segevo split')")
-    chosen = [by_key[k] for k in keys]
-    return root / "prep", chosen[:max_cases] if max_cases else chosen
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,10 +48,14 @@ def run(args: argparse.Namespace) -> int:
     from segevo.evaluation import Sample, evaluate_case
     from segevo.inference import ZoomInference, load_for_inference
 
+    if args.variants is not None:
+        from pipeline.compare import run_compare
+
+        return run_compare(args)
     cfg, _ = config_from_args(args)
     e = cfg.evaluate
     split_name = args.split or e.split
-    prep, cases = _cases(cfg, split_name, args.max_cases or e.max_cases)
+    prep, cases = evaluation_cases(cfg, split_name, args.max_cases or e.max_cases)
     adapter = None if args.adapter == "none" else (args.adapter or cfg.train.output)
     if adapter is None and not (args.weights or cfg.train.base_weights):
         raise UserError("--adapter none evaluates plain SegVol: give its weights (--weights or train.base_weights)")

@@ -141,7 +141,7 @@ def launch(cfg, root: Path, split: dict, run_id: str, storage: str, tracking_uri
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.train import _worker
+    from pipeline.worker import train_worker
 
     t = cfg.train
     ensure_ray(cfg)
@@ -153,7 +153,7 @@ def launch(cfg, root: Path, split: dict, run_id: str, storage: str, tracking_uri
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     resources = dict(t.resources_per_worker) or ({"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
     trainer = TorchTrainer(
-        _worker,
+        train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "root": str(root), "split": split,
                            "run_id": run_id, "tracking_uri": tracking_uri, "relay": relay,
                            "fault": os.environ.get("SEGEVO_FAULT_INJECT")},

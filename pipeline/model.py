@@ -45,9 +45,9 @@ def run_summary(args: argparse.Namespace) -> int:
     print("trainable when fine-tuning (the base stays frozen):")
     rows = []
     for name, expert in a.experts.items():
-        lora = expert.kind == "lora" and a.enabled
-        rows.append((f"expert {name}: " + (f"lora r{expert.rank} alpha {expert.alpha:g}" if lora else "identity"),
-                     per_adapter.get(name, 0)))
+        trained = expert.kind != "identity" and a.enabled
+        label = f"{expert.kind} r{expert.rank} alpha {expert.alpha:g}" if trained else "identity"
+        rows.append((f"expert {name}: {label}", per_adapter.get(name, 0)))
     if p.enabled:
         rows.append((f"priors: pool {p.pool_size}, dim {p.dim}, depth {p.depth}, {len(adapted.tasks)} tasks",
                      per_adapter["priors"]))

@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     import nibabel as nib
 
     from segevo.config import InferenceConfig
-    from segevo.data.preprocess import paste_back, prepare_image, read_image
+    from segevo.data.preprocess.geometry import paste_back, prepare_image
+    from segevo.data.readers import read_image
     from segevo.inference import ZoomInference, load_for_inference
     from segevo.io import atomic_write_bytes, atomic_write_json
 

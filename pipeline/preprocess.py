@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-from pathlib import Path
 
 from pipeline.common import config_from_args, preflight
-from pipeline.flags import int_at_least
+from pipeline.data_stages import add_stage_options, log_to_stderr, print_report, shown
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -24,43 +21,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.set_defaults(run=run)
 
 
-def add_stage_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int_at_least(1), metavar="N",
-                   help="parallel processes (default: preprocess.workers, else one per CPU core)")
-    p.add_argument("--force", action="store_true", help="recompute every case, even those that are up to date")
-
-
-def log_to_stderr() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("segevo: %(levelname)s: %(message)s"))
-    root = logging.getLogger("segevo")
-    if not any(getattr(h, "_segevo_stage", False) for h in root.handlers):
-        handler._segevo_stage = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-    root.setLevel(logging.INFO)
-
-
-def shown(path: Path) -> str:
-    """A path as users typed it: relative to the working directory when inside it."""
-    try:
-        return str(path.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-def print_report(stage: str, report, unit: str = "cases") -> None:
-    parts = [f"{report.computed} computed", f"{report.reused} up to date"]
-    if report.skipped:
-        parts.append(f"{len(report.skipped)} skipped")
-    print(f"{stage}: {len(report.outputs)} {unit} ({', '.join(parts)})")
-    for s in report.skipped:
-        print(f"  skipped {s['reason']}")
-    if report.unlabelled:
-        print(f"  {report.unlabelled} unlabelled cases left out")
-
-
 def run(args: argparse.Namespace) -> int:
-    from segevo.data.preprocess import run_preprocess
+    from segevo.data.preprocess.stages import run_preprocess
 
     cfg, source = config_from_args(args)
     preflight(args, folders=[("data.root", cfg.data.root)])

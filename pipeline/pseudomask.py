@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.common import config_from_args, preflight
-from pipeline.preprocess import add_stage_options, log_to_stderr, print_report, shown
+from pipeline.data_stages import add_stage_options, log_to_stderr, print_report, shown
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
 
 
 def run(args: argparse.Namespace) -> int:
-    from segevo.data.preprocess import run_pseudomask
+    from segevo.data.preprocess.stages import run_pseudomask
 
     cfg, source = config_from_args(args)
     preflight(args, folders=[("data.root", cfg.data.root)])

@@ -157,7 +157,7 @@ class Objective:
         from optuna.trial import TrialState
 
         from pipeline.launch import storage_uri
-        from pipeline.train import export
+        from pipeline.results import export
         from segevo.config import with_values
 
         if self.cfg.tune.seed is not None:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from segevo.combinations import parts as combination_parts
 from segevo.config import EvaluateConfig
 from segevo.data.manifest import PrepCase
 from segevo.data.prompts import bounding_box, sample_points
@@ -68,7 +69,7 @@ def case_queries(case: PrepCase, label: np.ndarray, cfg: EvaluateConfig) -> list
         points, point_labels = coords[keep], labels[keep]
         task = (case.source, structure)
         for prompt in cfg.prompts:
-            parts = prompt.split("+")
+            parts = combination_parts(prompt)
             out.append((Sample(structure, prompt), Query(
                 structure if "text" in parts else None, box if "box" in parts else None,
                 points if "point" in parts else None, point_labels if "point" in parts else None, task)))
@@ -103,6 +104,30 @@ def evaluate_case(zoom: ZoomInference, case: PrepCase, image: np.ndarray, label:
         if keep is not None and keep(sample):
             kept[sample] = pred
     return rows, kept
+
+
+def evaluate_case_models(zooms: Mapping[str, ZoomInference], case: PrepCase, image: np.ndarray, label: np.ndarray,
+                         cfg: EvaluateConfig, base_keys: Mapping[str, str | None]) -> list[dict]:
+    """Metric rows of one case for several models (``variant`` names them), the volume loaded once by the caller.
+
+    A model whose rows of this case's modality compute exactly its base SegVol (:meth:`computes_base`) shares
+    them with every other such model on the same base (``base_keys``: equal strings mean provably equal base
+    weights, None unknown): they are computed once and copied, marked ``reused_from``.
+    """
+    rows: list[dict] = []
+    computed: dict[str, tuple[str, list[dict]]] = {}
+    for name, zoom in zooms.items():
+        key = base_keys.get(name) if zoom.model.computes_base(case.modality) else None
+        if key is not None and key in computed:
+            source, done = computed[key]
+            rows.extend({**r, "variant": name, "reused_from": source} for r in done)
+            continue
+        case_rows, _ = evaluate_case(zoom, case, image, label, cfg)
+        case_rows = [{**r, "variant": name, "reused_from": None} for r in case_rows]
+        if key is not None:
+            computed[key] = (name, case_rows)
+        rows.extend(case_rows)
+    return rows
 
 
 def _case_means(rows: Iterable[dict], metric: str) -> list[float]:

@@ -15,31 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from segevo.config import LossConfig
+from segevo.data.batch import TrainBatch
 from segevo.model.adapted import AdaptedSegVol
 from segevo.model.segvol import Prompts
-
-
-@dataclass
-class TrainBatch:
-    """One training batch; every tensor has the batch first. ``target`` holds 1, 0, or -1 (ignore)."""
-
-    image: torch.Tensor  # (B, 1, D, H, W) float
-    target: torch.Tensor  # (B, 1, D, H, W) int8
-    class_names: list[str]
-    modalities: list[str]
-    task_ids: torch.Tensor  # (B,) long
-    boxes: torch.Tensor  # (B, 6)
-    point_coords: torch.Tensor  # (B, N, 3)
-    point_labels: torch.Tensor  # (B, N), -1 = padding
-    pseudo_target: torch.Tensor | None = None  # (B, 1, D, H, W) int8: a pseudo-mask region, -1 ignore
-    pseudo_boxes: torch.Tensor | None = None
-    pseudo_point_coords: torch.Tensor | None = None
-    pseudo_point_labels: torch.Tensor | None = None
-
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> TrainBatch:
-        moved = {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
-                 for k, v in self.__dict__.items()}
-        return TrainBatch(**moved)
 
 
 def dice_bce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

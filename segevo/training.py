@@ -1,9 +1,9 @@
-"""The fine-tuning recipe: one readable loop, no framework hiding it.
+"""The pieces of fine-tuning that :class:`segevo.recipe.FineTune` puts together: the model to train, the DeepSpeed
+engine, the loaders, one training epoch and validation.
 
-``pipeline/train.py`` runs ``run_worker`` once per Ray Train worker; this module knows nothing about Ray,
-MLflow or DVC: the launcher passes callbacks to report metrics and save/restore checkpoints. DeepSpeed wraps
-the trainable parameters (LoRA experts, priors) with ZeRO from the config; the frozen base stays in fp32 and
-bf16 runs under autocast, so the same code trains on a CPU (fp32, gloo) and on GPUs (bf16, NCCL).
+Nothing here knows about Ray, MLflow or DVC (the recipe gets those through its hooks). DeepSpeed wraps the
+trainable parameters (LoRA experts, priors) with ZeRO from the config; the frozen base stays in fp32 and bf16
+runs under autocast, so the same code trains on a CPU (fp32, gloo) and on GPUs (bf16, NCCL).
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from segevo.config import LoaderConfig, SegevoConfig
+from segevo.data.batch import TrainBatch
 from segevo.data.dataset import TrainDataset, collate
 from segevo.data.manifest import PrepCase
 from segevo.data.sampler import EpochSampler
-from segevo.losses import TrainBatch, combination_loss
+from segevo.data.tasks import TaskVocabulary
+from segevo.losses import combination_loss
 from segevo.model.adapted import AdaptedSegVol
 from segevo.model.checkpoint import load_checkpoint
-from segevo.model.priors import TaskVocabulary
 from segevo.model.segvol import Prompts, SegVol
 from segevo.optim import GroupedAdamW
 

@@ -1,5 +1,6 @@
 """Mixture-of-Adapters and context priors on a tiny SegVol: the invariants of DESIGN section 4, routing,
-priors without text, adapter checkpoints and the merged export."""
+priors without text, adapter checkpoints and the merged export. The expert invariants run for every trained
+kind (LoRA, DoRA)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,31 @@ import torch
 from conftest import TINY
 
 from segevo.config import parse_config
-from segevo.losses import TrainBatch, combination_loss
+from segevo.data.batch import TrainBatch
+from segevo.data.tasks import TaskVocabulary
+from segevo.losses import combination_loss
 from segevo.model import SegVol, load_checkpoint
 from segevo.model.adapted import AdaptedSegVol
 from segevo.model.adapter_io import build_from_adapters, export_merged, save_adapters
 from segevo.model.adapters import UnknownModality
 from segevo.model.checkpoint import CheckpointError
-from segevo.model.priors import TaskVocabulary
 from segevo.model.segvol import Prompts
 
 TASKS = TaskVocabulary([("amos", "liver"), ("amos", "spleen"), ("chaos", "liver")])
 
 
-def config(**sections):
-    return parse_config({"model": TINY, "priors": {"dim": 16, "num_heads": 2}, **sections})
+KINDS = ["lora", "dora"]
+
+
+def config(kind: str = "lora", **sections):
+    """The tiny profile; without an ``adapters`` section, CT is the identity and MRI an expert of ``kind``."""
+    adapters = {"experts": {"CT": {"kind": "identity"}, "MRI": {"kind": kind}}}
+    return parse_config({"model": TINY, "priors": {"dim": 16, "num_heads": 2}, "adapters": adapters, **sections})
+
+
+def other(kind: str) -> str:
+    """The other trained kind: models with a second expert mix both kinds in the same layers."""
+    return "dora" if kind == "lora" else "lora"
 
 
 def build(cfg, seed: int = 0) -> tuple[AdaptedSegVol, SegVol]:
@@ -34,12 +46,14 @@ def build(cfg, seed: int = 0) -> tuple[AdaptedSegVol, SegVol]:
 
 
 def perturb(model: AdaptedSegVol) -> None:
-    """Pretend training happened: non-zero LoRA B matrices and open gates."""
+    """Pretend training happened: non-zero LoRA B matrices, DoRA magnitudes moved off ``||W||``, open gates."""
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
             elif name.endswith("_gate"):
                 p.fill_(0.7)
 
@@ -73,12 +87,13 @@ def segvol(reference: SegVol, image: torch.Tensor, rows: list[int]) -> torch.Ten
     return reference.decode_combinations(reference.encode_image(image[rows]), [("text+box+point", sub)])[0]
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("prototype", ["additive", "multiplicative"])
-def test_ct_rows_are_bit_identical_to_segvol_even_after_training(prototype, precision, image):
+def test_ct_rows_are_bit_identical_to_segvol_even_after_training(prototype, precision, kind, image):
     """No-grad forwards run each expert's rows as their own batch: CT rows are SegVol's on those rows, exactly.
     (Compared with SegVol on the same rows: on some BLAS kernels a row's bits depend on the batch it is in.)"""
-    model, reference = build(config(priors={"dim": 16, "num_heads": 2, "prototype": prototype}))
+    model, reference = build(config(kind, priors={"dim": 16, "num_heads": 2, "prototype": prototype}))
     perturb(model)
     ct = [0, 2]
     p = prompts(3)
@@ -89,12 +104,14 @@ def test_ct_rows_are_bit_identical_to_segvol_even_after_training(prototype, prec
     assert (adapted[1] - plain[0]).abs().max() > 1e-3  # the MRI row went through its expert and the priors
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("prototype", ["additive", "multiplicative"])
-def test_ct_rows_of_a_training_forward_are_bit_identical_to_segvol(prototype, precision, image):
-    """With gradients every row shares one batch (routing by masks): CT rows equal SegVol's on that batch."""
-    model, reference = build(config(priors={"dim": 16, "num_heads": 2, "prototype": prototype,
-                                            "task_dropout": 0.5}))
+def test_ct_rows_of_a_training_forward_are_bit_identical_to_segvol(prototype, precision, kind, image):
+    """With gradients every row shares one batch (routing by masks): CT rows equal SegVol's on that batch. For
+    DoRA the perturbed magnitudes rescale whole weights: masking only its low-rank path would fail here."""
+    model, reference = build(config(kind, priors={"dim": 16, "num_heads": 2, "prototype": prototype,
+                                                  "task_dropout": 0.5}))
     perturb(model)
     model.train()
     with _autocast(precision):
@@ -128,8 +145,10 @@ def batch(image: torch.Tensor, modalities: list[str]) -> TrainBatch:
                       pseudo_point_labels=p["points"][1])
 
 
-def test_training_on_mri_rows_changes_mri_and_only_mri(image):
-    cfg = config(adapters={"experts": {"CT": {"kind": "identity"}, "MRI": {"rank": 4}, "PET": {"rank": 2}}})
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_on_mri_rows_changes_mri_and_only_mri(kind, image):
+    cfg = config(adapters={"experts": {"CT": {"kind": "identity"}, "MRI": {"kind": kind, "rank": 4},
+                                       "PET": {"kind": other(kind), "rank": 2}}})
     model, reference = build(cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     with torch.no_grad():
@@ -179,7 +198,7 @@ def test_bad_adapter_config_names_the_key():
     with pytest.raises(ConfigError, match="adapters: .*fallback 'PET'"):
         config(adapters={"fallback": "PET"})
     with pytest.raises(ConfigError, match=r"adapters\.experts\.MRI\.kind"):
-        config(adapters={"experts": {"MRI": {"kind": "dora"}}})
+        config(adapters={"experts": {"MRI": {"kind": "ia3"}}})
     typo = config(adapters={"experts": {"CT": {"kind": "identity"}, "MRI": {"vit_targets": ["attn.qvk"],
                                                                          "decoder_targets": []}}})
     with pytest.raises(ConfigError, match=r"adapters\.experts\.MRI: no module matches its vit_targets \['attn.qvk'\]"):
@@ -228,8 +247,9 @@ def test_loss_runs_on_mixed_batches_and_ignores_label_minus_one(image):
 
 # ---- checkpoints --------------------------------------------------------------------------------------------
 
-def test_adapter_checkpoint_round_trip_and_merged_export(image, tmp_path):
-    cfg = config(priors={"enabled": False})
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapter_checkpoint_round_trip_and_merged_export(kind, image, tmp_path):
+    cfg = config(kind, priors={"enabled": False})
     model, reference = build(cfg)
     perturb(model)
     base_path = tmp_path / "base.bin"
@@ -246,22 +266,29 @@ def test_adapter_checkpoint_round_trip_and_merged_export(image, tmp_path):
     export_merged(model, "MRI", tmp_path / "mri.bin")
     plain = SegVol(cfg.model).eval()
     load_checkpoint(plain, tmp_path / "mri.bin")
+    routed = model(image, "MRI", **prompts(3)).detach()  # with gradients: the masked routing, not a merge
     with torch.no_grad():
-        torch.testing.assert_close(plain(image, **prompts(3)), model(image, "MRI", **prompts(3)), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(plain(image, **prompts(3)), routed, atol=1e-4, rtol=1e-4)
+        assert (plain(image, **prompts(3)) - reference(image, **prompts(3))).abs().max() > 1e-3
 
 
-def test_adapter_checkpoint_for_another_configuration_is_refused(tmp_path):
-    model, _ = build(config())
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapter_checkpoint_for_another_configuration_is_refused(kind, tmp_path):
+    model, _ = build(config(kind))
     save_adapters(model, tmp_path / "run")
-    other, _ = build(config(adapters={"experts": {"CT": {"kind": "identity"}, "MRI": {"rank": 2}}}))
     from segevo.model.adapter_io import load_adapters
 
+    smaller, _ = build(config(adapters={"experts": {"CT": {"kind": "identity"}, "MRI": {"kind": kind, "rank": 2}}}))
     with pytest.raises(CheckpointError, match="mis-shaped tensors"):
-        load_adapters(other, tmp_path / "run")
+        load_adapters(smaller, tmp_path / "run")
+    switched, _ = build(config(other(kind)))  # the magnitudes are missing or unexpected
+    with pytest.raises(CheckpointError, match="missing keys" if kind == "lora" else "unexpected keys"):
+        load_adapters(switched, tmp_path / "run")
 
 
-def test_no_grad_inference_merges_lora_and_matches_the_training_path(image):
-    model, _ = build(config())
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_grad_inference_merges_the_expert_and_matches_the_training_path(kind, image):
+    model, _ = build(config(kind))
     perturb(model)
     model.eval()
     with torch.no_grad():
@@ -275,6 +302,14 @@ def test_no_grad_inference_merges_lora_and_matches_the_training_path(image):
         fast2 = model(image, MODALITIES, **prompts(3))
     torch.testing.assert_close(fast2, model(image, MODALITIES, **prompts(3)).detach(), atol=1e-4, rtol=1e-4)
     assert (fast2[1] - fast[1]).abs().max() > 1e-3 and torch.equal(fast2[0], fast[0])
+    if kind == "dora":  # a step that moves only the magnitudes must reach the cached merged weights too
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1.5)
+            fast3 = model(image, MODALITIES, **prompts(3))
+        torch.testing.assert_close(fast3, model(image, MODALITIES, **prompts(3)).detach(), atol=1e-4, rtol=1e-4)
+        assert (fast3[1] - fast2[1]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5, 1.0])

@@ -24,9 +24,9 @@ from prep_helpers import write_prep
 
 from pipeline.cli import main
 from segevo.config import parse_config
+from segevo.data.tasks import TaskVocabulary
 from segevo.model import SegVol
 from segevo.model.adapter_io import save_adapters
-from segevo.model.priors import TaskVocabulary
 from segevo.training import build_model
 
 CFG = {"model": TINY, "priors": {"dim": 16, "num_heads": 2}, "data": {"root": "data"},

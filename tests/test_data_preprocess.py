@@ -17,16 +17,11 @@ import scipy.sparse
 from segevo.config import LoaderConfig, SegevoConfig, parse_config
 from segevo.data.cases import Case, CaseError, CaseTable, write_case_table
 from segevo.data.manifest import read_manifest
-from segevo.data.preprocess import (
-    foreground_normalize,
-    from_raw_grid,
-    prepare_arrays,
-    read_case,
-    resize_nearest,
-    run_preprocess,
-    run_pseudomask,
-    to_raw_grid,
-)
+from segevo.data.preprocess.case import prepare_arrays
+from segevo.data.preprocess.geometry import from_raw_grid, to_raw_grid
+from segevo.data.preprocess.stages import run_preprocess, run_pseudomask
+from segevo.data.preprocess.transforms import foreground_normalize, resize_nearest
+from segevo.data.readers import read_case
 
 AFFINE = np.array([[-1.5, 0, 0, 10], [0, 1.2, 0, -4], [0, 0, 2.5, 7], [0, 0, 0, 1]])
 ROI = (8, 32, 32)
@@ -447,7 +442,7 @@ def test_manifest_rows_are_json_and_relative(tmp_path):
 
 
 def test_class_locations_sample_every_class_and_cap_the_count():
-    from segevo.data.preprocess import class_locations
+    from segevo.data.preprocess.transforms import class_locations
 
     label = np.zeros((20, 30, 30), np.uint8)
     label[2:18, 5:25, 5:25] = 1  # large: capped

@@ -24,15 +24,11 @@ from test_data_preprocess import (
 
 from segevo.data.cases import read_case_table
 from segevo.data.manifest import read_manifest
-from segevo.data.preprocess import (
-    read_case,
-    resize_linear,
-    resize_nearest,
-    run_preprocess,
-    run_pseudomask,
-    segvol_intensity,
-    to_raw_grid,
-)
+from segevo.data.preprocess.case import segvol_intensity
+from segevo.data.preprocess.geometry import to_raw_grid
+from segevo.data.preprocess.stages import run_preprocess, run_pseudomask
+from segevo.data.preprocess.transforms import resize_linear, resize_nearest
+from segevo.data.readers import read_case
 
 REPO = Path(__file__).resolve().parents[1]
 SEGEVO = str(Path(sys.executable).parent / "segevo")

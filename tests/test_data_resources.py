@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from segevo.data.cases import Case
-from segevo.data.preprocess import _read_nifti, read_case
+from segevo.data.readers import read_case
+from segevo.data.readers.nifti import read_nifti
 from segevo.data.resources import PEAK_FACTOR, WORKER_BASE, memory_bound_workers, volume_bytes
 from segevo.data.volumes import value_counts
 
@@ -25,7 +26,7 @@ def scaled_ct(path, shape=(20, 16, 12), slope=0.37, inter=-1024.3) -> np.ndarray
 def test_scaled_nifti_is_read_as_float32_with_get_fdata_values(tmp_path, suffix):
     path = tmp_path / f"ct{suffix}"
     stored = scaled_ct(path)
-    data, _ = _read_nifti(path, channel=lambda n: 0)
+    data, _ = read_nifti(path, channel=lambda n: 0)
     assert data.dtype == np.float32 and data.flags.writeable
     slope, inter = float(np.float32(0.37)), float(np.float32(-1024.3))  # the header stores them as float32
     expected = (stored.astype(np.float64) * slope + inter).astype(np.float32)  # float64, then cast (MONAI)

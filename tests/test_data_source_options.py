@@ -15,7 +15,7 @@ from test_data_sources import m3d_zip
 
 from segevo.config import ConfigError, parse_config
 from segevo.data.cases import CaseError
-from segevo.data.preprocess import prepare_arrays
+from segevo.data.preprocess.case import prepare_arrays
 from segevo.data.raw import download_sources, prepare_source
 from segevo.errors import DownloadError
 

@@ -37,11 +37,13 @@ def _project(tmp: Path) -> Path:
         shutil.copytree(REPO / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     _dvc(project, "init", "-q")
-    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    for stage in stages.values():
-        for kind in ("outs", "metrics", "plots", "deps"):
-            for entry in stage.get(kind, []):
-                path = project / (entry if isinstance(entry, str) else next(iter(entry)))
+    dvc = yaml.safe_load((project / "dvc.yaml").read_text())
+    for stage in dvc["stages"].values():
+        items = VARS[stage["foreach"].strip("${}")] if "foreach" in stage else [None]
+        for item, kind in ((i, k) for i in items for k in ("outs", "metrics", "plots", "deps")):
+            for entry in stage.get("do", stage).get(kind, []):
+                name = entry if isinstance(entry, str) else next(iter(entry))
+                path = project / (name.replace("${item}", item) if item is not None else name)
                 if path.exists():
                     continue
                 if path.suffix:
@@ -51,6 +53,10 @@ def _project(tmp: Path) -> Path:
                     path.mkdir(parents=True, exist_ok=True)
                     (path / "placeholder").write_text("x")
     return project
+
+
+VARS = {k: v for entry in yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"] if isinstance(entry, dict)
+          for k, v in entry.items()}
 
 
 def test_stages_read_the_profile_that_profile_yaml_names(tmp_path):
@@ -67,10 +73,11 @@ def test_stages_read_the_profile_that_profile_yaml_names(tmp_path):
     assert text.count("\n  lr: 0.0001\n") == 1
     (project / "configs" / "full.yaml").write_text(text.replace("\n  lr: 0.0001\n", "\n  lr: 0.00042\n"))
     status = json.loads(_dvc(project, "status", "--json"))
-    assert set(status) == {"train"}, status  # exactly the stage that reads train.*
+    training = {"train", *(f"train_variant@{v}" for v in VARS["trained_variants"])}
+    assert set(status) == training, status  # exactly the stages that read train.* (the run and the variants')
     assert "configs/full.yaml" in json.dumps(status["train"])
 
     params = yaml.safe_load((project / "params.yaml").read_text())  # the demo profile is not read at all
     params["train"]["lr"] = 0.5
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    assert set(json.loads(_dvc(project, "status", "--json"))) == {"train"}
+    assert set(json.loads(_dvc(project, "status", "--json"))) == training

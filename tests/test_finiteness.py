@@ -20,11 +20,11 @@ from safetensors.torch import load_file, save_file
 from pipeline.cli import main
 from segevo.config import parse_config
 from segevo.data.cases import CaseError
-from segevo.data.preprocess import read_image
+from segevo.data.readers import read_image
+from segevo.data.tasks import TaskVocabulary
 from segevo.model import SegVol
 from segevo.model.adapter_io import WEIGHTS, build_from_adapters, save_adapters
 from segevo.model.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-from segevo.model.priors import TaskVocabulary
 from segevo.training import build_model
 
 CFG = {"model": TINY, "priors": {"dim": 16, "num_heads": 2}}

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from conftest import TINY
 
 from segevo.config import InferenceConfig, parse_config
+from segevo.data.tasks import TaskVocabulary
 from segevo.inference import PromptError, Query, ZoomInference, check_query, grow_roi, window_starts
-from segevo.model.priors import TaskVocabulary
 from segevo.training import build_model
 
 ROI = tuple(TINY["roi_size"])  # (8, 32, 32)

@@ -34,7 +34,7 @@ MODEL = {**TINY, "roi_size": [16, 64, 64],  # 4x4x4 tokens: enough resolution fo
 @pytest.mark.slow
 def test_tiny_model_overfits_one_demo_organ(tmp_path):
     os.environ.setdefault("SEGEVO_CACHE", str(REPO / ".cache" / "segevo" / "downloads"))
-    from segevo.data.preprocess import run_preprocess, run_pseudomask
+    from segevo.data.preprocess.stages import run_preprocess, run_pseudomask
     from segevo.data.raw import download_sources
 
     cfg = parse_config({

@@ -15,8 +15,8 @@ from conftest import TINY
 
 from pipeline.cli import main
 from segevo.config import parse_config
+from segevo.data.tasks import TaskVocabulary
 from segevo.model.adapter_io import save_adapters
-from segevo.model.priors import TaskVocabulary
 from segevo.training import build_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,8 +12,10 @@ from test_pseudomask import same_partition, segvol_fh
 
 from segevo.config import PseudoMaskConfig, parse_config
 from segevo.data.cases import read_case_table
-from segevo.data.preprocess import read_case, resize_linear, segvol_intensity
+from segevo.data.preprocess.case import segvol_intensity
+from segevo.data.preprocess.transforms import resize_linear
 from segevo.data.pseudomask import felzenszwalb_3d, pseudomask_case, resize_area
+from segevo.data.readers import read_case
 
 GRID = (64, 64, 16)  # small enough for the pure-Python FH (SegVol's grid takes it 100 s)
 MIN_SIZE = 100

@@ -20,14 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from segevo.data.vocabulary import check_labels
 from segevo.errors import UserError
 from segevo.io import atomic_write_json, read_json
 
 TABLE_VERSION = 1
-FORMATS = ("nifti", "m3d")
 ANNOTATIONS = ("manual", "model")
 _MODALITY = re.compile(r"^(CT|MRI)(-[A-Za-z0-9]+)*$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -70,7 +66,9 @@ class Case:
         if not _MODALITY.match(self.modality):
             raise CaseError(f"{self.source}/{self.case_id}: unknown modality {self.modality!r} "
                             f"(expected CT or MRI, optionally refined like MRI-T2)")
-        if self.format not in FORMATS:
+        from segevo.data.readers import READERS  # the registry imports this module: looked up on use
+
+        if self.format not in READERS:
             raise CaseError(f"{self.source}/{self.case_id}: unknown format {self.format!r}")
         if self.annotation not in ANNOTATIONS:
             raise CaseError(f"{self.source}/{self.case_id}: unknown annotation kind {self.annotation!r}")
@@ -162,64 +160,3 @@ def sha256_files(paths: Iterable[Path]) -> str:
             while block := f.read(1 << 22):
                 h.update(block)
     return h.hexdigest()
-
-
-def _check_nifti(case: Case) -> list[str]:
-    import nibabel as nib
-
-    image = nib.load(case.image)
-    want = 4 if case.channels else 3
-    if image.ndim != want or (case.channels and image.shape[3] != len(case.channels)):
-        raise CaseError(f"{case.image}: expected a {want}D image"
-                        + (f" with {len(case.channels)} channels" if case.channels else "")
-                        + f", got shape {image.shape}")
-    if case.label is None:
-        return []
-    label = nib.load(case.label)
-    if label.shape != image.shape[:3]:
-        raise CaseError(f"{case.label}: label shape {label.shape} differs from the image's {image.shape[:3]}")
-    if not np.allclose(label.affine, image.affine, atol=1e-3, rtol=1e-4):
-        raise CaseError(f"{case.label}: label affine differs from the image's (a different voxel grid)")
-    data = np.asanyarray(label.dataobj)
-    if data.dtype.kind == "f" and (not np.all(np.isfinite(data)) or np.any(data != np.round(data))):
-        raise CaseError(f"{case.label}: label map holds non-integer values")
-    return check_labels(f"{case.key} ({case.label})", np.unique(data), case.label_map)
-
-
-def m3d_mask_shape(path: Path) -> tuple[int, ...]:
-    """M3D-Seg writes the dense mask shape into the file name: ``mask_(13, 512, 512, 89).npz``."""
-    match = re.fullmatch(r"mask_\(([\d, ]+)\)\.npz", path.name)
-    if not match:
-        raise CaseError(f"{path}: not an M3D-Seg mask name (expected 'mask_(K, X, Y, Z).npz')")
-    return tuple(int(v) for v in match.group(1).split(","))
-
-
-def _check_m3d(case: Case) -> list[str]:
-    import scipy.sparse
-
-    image = np.load(case.image, mmap_mode="r")
-    if image.ndim != 4 or image.shape[0] != 1:
-        raise CaseError(f"{case.image}: expected an M3D-Seg image of shape (1, X, Y, Z), got {image.shape}")
-    if case.label is None:
-        return []
-    shape = m3d_mask_shape(case.label)
-    if len(shape) != 4 or shape[1:] != image.shape[1:]:
-        raise CaseError(f"{case.label}: mask shape {shape} does not fit the image {image.shape}")
-    mask = scipy.sparse.load_npz(case.label)
-    if mask.shape != (shape[0], int(np.prod(shape[1:]))):
-        raise CaseError(f"{case.label}: sparse matrix {mask.shape} does not match the shape in its name {shape}")
-    if mask.nnz and not np.all(mask.data == 1):
-        raise CaseError(f"{case.label}: mask channels are not binary")
-    filled = np.flatnonzero(mask.getnnz(axis=1)) + 1
-    return check_labels(f"{case.key} ({case.label})", filled, case.label_map)
-
-
-def validate(case: Case) -> Case:
-    """Open the case's files and check them; returns the case with the classes present filled in."""
-    for p in (case.image, case.label):
-        if p is not None and not p.is_file():
-            raise CaseError(f"{p}: file not found")
-    present = _check_nifti(case) if case.format == "nifti" else _check_m3d(case)
-    if case.label is not None and not present:
-        raise CaseError(f"{case.label}: label map is empty (no structure labelled)")
-    return dataclasses.replace(case, labels_present=tuple(dict.fromkeys(present)))  # merged classes: once

@@ -26,10 +26,10 @@ from monai.transforms import Flip, ScaleIntensityRange, ShiftIntensity
 from torch.utils.data import Dataset
 
 from segevo.config import LoaderConfig
+from segevo.data.batch import TrainBatch
 from segevo.data.manifest import PrepCase
 from segevo.data.prompts import bounding_box, jitter_box, sample_points
-from segevo.losses import TrainBatch
-from segevo.model.priors import TaskVocabulary
+from segevo.data.tasks import TaskVocabulary
 
 
 def task_vocabulary(cases: Sequence[PrepCase]) -> TaskVocabulary:
@@ -99,7 +99,7 @@ class TrainDataset(Dataset):
             "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.int8))[None],
             "case": case.key,
             "class_name": name,
-            "modality": case.modality.split("-")[0],
+            "modality": case.modality,  # the full name: its expert and its own modality prior pool
             "task_id": self.tasks.id(case.source, name),
             **self._prompts(target, rng, ""),
         }

@@ -18,8 +18,8 @@ Each row says where the model-ready arrays are and how to map a prediction back 
 - ``notes``: what preprocessing decided for the case (the channel kept of a multi-channel image, voxels in
   several M3D-Seg channels, labelled voxels outside the foreground crop).
 
-``segevo.data.preprocess.to_raw_grid`` maps a prep-grid volume back onto the raw grid (``from_raw_grid`` is the
-forward direction).
+``segevo.data.preprocess.geometry.to_raw_grid`` maps a prep-grid volume back onto the raw grid
+(``from_raw_grid`` is the forward direction).
 """
 
 from __future__ import annotations

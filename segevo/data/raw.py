@@ -20,9 +20,10 @@ from typing import Any
 from tqdm import tqdm
 
 from segevo.config import DataConfig
-from segevo.data.cases import Case, CaseError, CaseTable, validate, write_case_table
+from segevo.data.cases import Case, CaseError, CaseTable, write_case_table
 from segevo.data.fetch import cache_dir
 from segevo.data.formats import FormatError
+from segevo.data.readers import validate
 from segevo.data.resources import cores
 from segevo.data.sources import get_source
 from segevo.data.sources.base import Candidate, SourceContext

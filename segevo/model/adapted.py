@@ -2,7 +2,7 @@
 
 Rows of a batch may mix modalities and tasks. Rows routed to an identity expert compute exactly the
 pretrained SegVol (the priors skip them too, unless ``priors.apply_to_identity``); other rows go through
-their LoRA expert and the priors. A row's modality name picks its expert (``MRI-T2`` -> ``MRI``) and its
+their expert (LoRA, DoRA) and the priors. A row's modality name picks its expert (``MRI-T2`` -> ``MRI``) and its
 modality prior pool (``MRI-T2``'s own, when the priors keep one per name).
 """
 
@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from segevo.config import AdaptersConfig, PriorsConfig
+from segevo.data.tasks import TaskVocabulary
 from segevo.model.adapters import MixtureOfAdapters, expert_of
-from segevo.model.priors import ContextPriors, TaskVocabulary
+from segevo.model.priors import ContextPriors
 from segevo.model.prototypes import DecoderInputs
 from segevo.model.segvol import Points, Prompts, SegVol
 
@@ -63,6 +64,14 @@ class AdaptedSegVol(nn.Module):
     def priors_apply(self, expert: str) -> bool:
         """Whether the priors adapt rows of ``expert`` (never identity rows, unless ``priors.apply_to_identity``)."""
         return self.priors is not None and (self.priors_cfg.apply_to_identity or not self._is_identity(expert))
+
+    def computes_base(self, modality: str) -> bool:
+        """Whether rows of ``modality`` compute exactly the base SegVol: no expert update (an identity expert, or
+        no adapters), no priors on them, the base's text template. Such rows are bit-identical to the base model's
+        (an invariant the tests hold), so a comparison of models on one base computes them once."""
+        expert = self.experts_of(modality, 1)[0]
+        plain = self.moa is None or self._is_identity(expert)
+        return plain and not self.priors_apply(expert) and self.templates([expert])[0] == self.base.cfg.text.template
 
     def _prior_rows(self, experts: list[str]) -> list[bool]:
         return [self.priors_apply(e) for e in experts]
@@ -130,7 +139,7 @@ class AdaptedSegVol(nn.Module):
         return emb, state
 
     def expert_context(self, expert: str) -> AbstractContextManager[None]:
-        """For no-grad forwards of rows that all use ``expert``: its LoRA merged into the weights (no LoRA cost)."""
+        """For no-grad forwards of rows that all use ``expert``: its update merged into the weights."""
         return self.moa.inference(expert) if self.moa is not None else nullcontext()
 
     def decode(self, emb: torch.Tensor, state: dict, experts: list[str], requests: Requests) -> torch.Tensor:
@@ -170,7 +179,7 @@ class AdaptedSegVol(nn.Module):
     def forward_requests(self, image: torch.Tensor, modality: str | Sequence[str], requests: Requests,
                          task: torch.Tensor | Sequence | None = None) -> torch.Tensor:
         """Logits (K, B, 1, *roi). Training runs every row in one batch (routing by masks); without gradients
-        rows are grouped by expert and each group runs with its LoRA merged into the weights (no LoRA cost)."""
+        rows are grouped by expert and each group runs with its expert merged into the weights (no adapter cost)."""
         if self.moa is None or torch.is_grad_enabled():
             return self.forward_batch(image, modality, requests, task)[0]
         names, experts, task_ids = self._rows(image, modality, requests, task)
@@ -205,19 +214,19 @@ class AdaptedSegVol(nn.Module):
     # ---- bookkeeping ----------------------------------------------------------------------------------------
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The trainable parameters in the groups an optimizer steps together: one per LoRA expert, and the priors."""
+        """The trainable parameters in the groups an optimizer steps together: one per trained expert, the priors."""
         groups: dict[str, list[nn.Parameter]] = {}
         if self.moa is not None:
-            for name in self.moa.lora_experts:
+            for name in self.moa.trained_experts:
                 groups[name] = list(self.moa.expert_parameters(name).values())
         if self.priors is not None:
             groups["priors"] = list(self.priors.parameters())
         return groups
 
     def groups_used(self, modality: Sequence[str]) -> set[str]:
-        """The parameter groups that rows of these modalities train (their LoRA experts; the priors when they act)."""
+        """The parameter groups that rows of these modalities train (their experts; the priors when they act)."""
         experts = self.experts_of(modality, len(modality))
-        used = {e for e in experts if self.moa is not None and e in self.moa.lora_experts}
+        used = {e for e in experts if self.moa is not None and e in self.moa.trained_experts}
         if any(self.priors_apply(e) for e in experts):
             used.add("priors")
         return used

@@ -1,4 +1,4 @@
-"""Adapter checkpoints: only what was trained (LoRA experts, priors, gates) as safetensors, plus the JSON that
+"""Adapter checkpoints: only what was trained (the experts, priors, gates) as safetensors, plus the JSON that
 rebuilds the model around them (model, adapters and priors config, task vocabulary). A few MB at full size.
 """
 
@@ -14,11 +14,10 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from segevo.config import AdaptersConfig, ModelConfig, PriorsConfig, format_error
+from segevo.data.tasks import TaskVocabulary
 from segevo.io import atomic_write_bytes, atomic_write_json, read_json
 from segevo.model.adapted import AdaptedSegVol
-from segevo.model.adapters import merged_state_dict
 from segevo.model.checkpoint import CheckpointError, check_finite, check_keys
-from segevo.model.priors import TaskVocabulary
 from segevo.model.segvol import SegVol
 
 FORMAT = "segevo-adapters/1"
@@ -138,11 +137,11 @@ def load_adapters(model: AdaptedSegVol, directory: str | os.PathLike[str]) -> No
 
 
 def export_merged(model: AdaptedSegVol, modality: str, out: str | os.PathLike[str]) -> Path:
-    """A plain SegVol checkpoint (HF layout) with ``modality``'s LoRA expert merged in; priors cannot be merged
-    and are left out, so the file reproduces the MoA model's output for that modality only without priors."""
+    """A plain SegVol checkpoint (HF layout) with ``modality``'s expert merged in; priors cannot be merged and
+    are left out, so the file reproduces the MoA model's output for that modality only without priors."""
     expert = model.experts_of(modality, 1)[0]
-    lora = model.moa is not None and model.adapters_cfg.experts[expert].kind == "lora"
-    state = merged_state_dict(model.base, expert if lora else None)
+    state = (model.moa.merged_state_dict(expert) if model.moa is not None
+             else {k: v.detach().clone() for k, v in model.base.state_dict().items()})
     buffer = io.BytesIO()
     torch.save({f"model.{k}": v for k, v in state.items()}, buffer)
     return atomic_write_bytes(out, buffer.getvalue())

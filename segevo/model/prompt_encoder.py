@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segevo.combinations import parts as combination_parts
 from segevo.config import ModelConfig
 
 # (points (coords, labels) or None, boxes or None, text embedding or None) for one batch of samples
@@ -133,7 +134,7 @@ class PromptEncoder(nn.Module):
                               self._embed_boxes(boxes) if boxes is not None else None,
                               text_embedding.unsqueeze(1) if text_embedding is not None else None)
             pts_pad, box_tok, text_tok = cache[key]
-            parts = combo.split("+")
+            parts = combination_parts(combo)
             missing = [p for p, t in (("point", pts_pad), ("box", box_tok), ("text", text_tok))
                        if p in parts and t is None]
             if missing:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from segevo.combinations import parts as combination_parts
 from segevo.config import ModelConfig
 from segevo.model.image_encoder import ImageEncoder
 from segevo.model.mask_decoder import MaskDecoder, upsample_logits
@@ -37,7 +38,7 @@ class Prompts:
     points: Points | None = None
 
     def subset(self, combination: str) -> Prompts:
-        parts = combination.split("+")
+        parts = combination_parts(combination)
         return Prompts(self.text if "text" in parts else None, self.boxes if "box" in parts else None,
                        self.points if "point" in parts else None)
 

@@ -14,11 +14,13 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from segevo.errors import MissingResource
+
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 49152 - 256 - 2
 
 
-class TokenizerUnavailable(RuntimeError):
+class TokenizerUnavailable(MissingResource):
     """Neither a tokenizer directory nor a packaged BPE vocabulary is available."""
 
 

@@ -40,8 +40,8 @@ def test_samples_have_roi_shapes_and_valid_prompts(prep):
                 assert target[tuple(c)]
             elif lab == 0:
                 assert not target[tuple(c)]
-        assert s["modality"] in ("CT", "MRI")
         source = s["case"].split("/")[0]
+        assert s["modality"] == next(c.modality for c in cases if c.key == s["case"])  # the full name (MRI-T2)
         assert s["task_id"] == ds.tasks.id(source, s["class_name"]) > 0
 
 

@@ -6,7 +6,8 @@ against the default's masks (mean and worst query), max |logit| difference, seco
 - ``parity``: reference/parity/zoom_case.npz (full-size SegVol with the synthetic parity weights, text and
   text+box): also Dice against the masks SegVol's released code produced. Its coarse foreground covers the
   volume, so only ``precision`` and ``zoom_out_resize`` can change anything here.
-- ``demo``: the demo's evaluate path (prepared cases, ``evaluate`` prompts, the trained demo adapter): also
+- ``demo``: the demo's evaluate path (prepared cases, the six ``evaluate`` prompt types without the box-jitter
+  ablation, the trained demo adapter): also
   Dice against the ground truth (the demo model is a random base with a small adapter: read the differences,
   not the levels).
 
@@ -75,11 +76,12 @@ def demo_inputs(data: Path, adapter: Path) -> tuple[Predictor, Inputs]:
     from segevo.evaluation import case_queries
 
     cfg = load_config(REPO / "params.yaml")
+    prompts = cfg.evaluate.model_copy(update={"box_jitter": ()})  # the six prompt types; jitter adds nothing here
     cases, _ = read_manifest(data / "prep" / "manifest.json")
     inputs = []
     for case in cases:
         label = read_prep_array(case, data / "prep", "label")
-        samples = case_queries(case, label, cfg.evaluate)
+        samples = case_queries(case, label, prompts)
         truths = [label == case.classes.index(s.structure) + 1 for s, _ in samples]
         inputs.append((read_prep_array(case, data / "prep", "image").astype(np.float32), case.modality,
                        [q for _, q in samples], truths))

@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.common import config_from_args, preflight, torch_device
 from pipeline.flags import device, int_at_least, non_empty, voxel_box, voxel_point
 from segevo.errors import UserError
+
+if TYPE_CHECKING:
+    from segevo.inference import Query
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -38,13 +42,14 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     p.add_argument("--channel", type=int_at_least(0), default=0, help="channel of a 4D image (default 0)")
     p.add_argument("--no-zoom-in", dest="zoom_in", action="store_false", default=None,
                    help="zoom-out pass only (faster, coarser)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), help="default: inference.precision")
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="default: inference.precision (fp32, as SegVol; bf16 is faster)")
     p.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--trust-pickle", action="store_true", help="allow a full-pickle base checkpoint")
     p.set_defaults(run=run)
 
 
-def queries_from_args(args: argparse.Namespace) -> list:
+def queries_from_args(args: argparse.Namespace) -> list[Query]:
     """The prompts as parsed (whole voxel indices of the file's array, see :mod:`pipeline.flags`): one query per
     ``--text``, or one object described by a box and/or points (and at most one ``--text``). Their coordinates are
     checked against the image by the library."""

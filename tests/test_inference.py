@@ -56,6 +56,26 @@ def test_roi_rule_is_segvols():
     assert grow_roi(np.zeros((4, 4, 4), bool), ROI) is None
 
 
+def segvol_roi(mask: np.ndarray, window) -> tuple | None:
+    """reference/segvol.md 1.8 step 3 as written there, independent of segevo's code: the inclusive bounding box
+    of the foreground; an axis shorter than the window grows by half the deficit on each side, clipped to the
+    volume; (start, end exclusive) per axis, None for no foreground."""
+    found = np.argwhere(mask)
+    if len(found) == 0:
+        return None
+    roi = []
+    for n, w, lo, hi in zip(mask.shape, window, found.min(0), found.max(0), strict=True):
+        half = max(0, w - (hi - lo + 1)) // 2
+        roi.append((int(max(0, lo - half)), int(min(n - 1, hi + half)) + 1))
+    return tuple(roi)
+
+
+def test_zoom_in_uses_segvols_roi_of_its_own_coarse_mask(model, volume):
+    """Through the public API: each query's ROI is the reference rule applied to the coarse logits it reports."""
+    for r in ZoomInference(model, InferenceConfig()).run(volume, "MRI", _queries()):
+        assert r.roi == segvol_roi(r.coarse > 0, ROI)
+
+
 def test_shift_rule_keeps_the_window_inside_the_volume():
     mask = np.zeros((20, 70, 45), bool)
     mask[1:3, 60:62, 5:40] = True

@@ -4,8 +4,10 @@ Anchor (reference/gpu-anchor.md, issue 6): SegVol's released zoom-out forward ta
 20.8 volumes/s (fp32, batch 1) / 60 volumes/s (bf16, batch 4) on an H200. The model is randomly initialised
 (seeded), so the zoom-in ROI comes from a random coarse mask: the JSON records how many windows ran.
 
-usage: python bench/inference.py --size tiny|full [--device cpu|cuda] [--precision bf16|fp32]
-                                 [--volume D,H,W] [--repeats 3] --out bench/results/inference_cpu_full.json
+usage: python bench/inference.py --size tiny|full [--device cpu|cuda] [--precision fp32|bf16]
+                                 [--option KEY=VALUE ...] [--volume D,H,W] [--repeats 3]
+                                 --out bench/results/inference_cpu_full.json
+(``--option`` sets any other ``inference`` key, e.g. ``window_grid=volume``; the defaults are SegVol's procedure.)
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=tuple(PROFILES), default="tiny")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="another inference key")
     ap.add_argument("--volume", help="D,H,W of the cropped volume (default by size)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", required=True)
@@ -56,10 +59,11 @@ def main() -> None:
     d, h, w = shape
     query = Query(text="liver", box=np.array([d * 0.3, h * 0.35, w * 0.5, d * 0.7, h * 0.65, w * 0.85]),
                   task="liver")
-    row: dict = {"size": args.size, "device": args.device, "precision": args.precision, "volume": list(shape),
+    options = {"precision": args.precision, **dict(o.split("=", 1) for o in args.option)}
+    row: dict = {"size": args.size, "device": args.device, "options": options, "volume": list(shape),
                  "roi_size": list(cfg.model.roi_size), "modality": "MRI (LoRA expert + priors)"}
     for mode, zoom_in in (("zoom_out", False), ("zoom_out_zoom_in", True)):
-        zoom = ZoomInference(model, InferenceConfig(zoom_in=zoom_in, precision=args.precision), args.device)
+        zoom = ZoomInference(model, InferenceConfig.model_validate({**options, "zoom_in": zoom_in}), args.device)
         times, windows = [], 0
         for i in range(args.repeats + 1):  # the first run warms up
             if args.device.startswith("cuda"):

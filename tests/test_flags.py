@@ -160,19 +160,23 @@ def test_property_devices_and_seconds(text):
        st.lists(st.tuples(st.lists(st.integers(-3, 55), min_size=3, max_size=3), st.sampled_from([0, 1])),
                 max_size=3))
 def test_property_prompts_are_checked_against_the_volume(shape, box, points):
-    """A box or point is accepted exactly when every index lies in 0..shape-1, and is then kept as given."""
-    from pipeline.predict import raw_queries
+    """A box or point is accepted exactly when every index lies in 0..shape-1 (and points include a positive
+    one), and is then kept as given."""
+    from pipeline.predict import queries_from_args
     from segevo.errors import UserError
+    from segevo.inference import check_query
 
     pairs = list(zip(box[:3], box[3:], strict=True))
     box = [min(p) for p in pairs] + [max(p) for p in pairs]  # what the parser lets through
     args = argparse.Namespace(text=[], box=box, point=points)
     inside = all(0 <= v <= n - 1 for v, n in zip(box, shape * 2, strict=True)) and all(
         0 <= v <= n - 1 for coords, _ in points for v, n in zip(coords, shape, strict=True))
+    positive = not points or any(label == 1 for _, label in points)
     try:
-        (query,) = raw_queries(args, shape)
+        (query,) = [check_query(q, shape) for q in queries_from_args(args)]
     except UserError as err:
-        assert not inside and "lies outside the volume" in str(err)
+        assert not (inside and positive)
+        assert ("lies outside the volume" in str(err)) if not inside else "positive" in str(err)
         return
-    assert inside and query["box"].tolist() == box
-    assert query["points"] is None if not points else query["points"].tolist() == [c for c, _ in points]
+    assert inside and positive and query.box.tolist() == box
+    assert query.points is None if not points else query.points.tolist() == [c for c, _ in points]

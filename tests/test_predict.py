@@ -126,3 +126,59 @@ def test_unknown_class_name_warns_with_the_closest(demo, adapter, tmp_path, caps
                    "--text", "livr", "--adapter", str(adapter), "--no-zoom-in") == 0
     err = capsys.readouterr().err
     assert "'livr' is not a trained task" in err and "liver" in err
+
+
+# ---- the library Predictor behind the verb ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def predictor(adapter):
+    from segevo.config import InferenceConfig
+    from segevo.inference import Predictor
+
+    return Predictor.load(parse_config({"model": TINY}).model, InferenceConfig(), adapter=str(adapter), device="cpu")
+
+
+def test_file_coordinates_map_onto_the_model_volume():
+    """SegVol's axes are the file's reversed; the foreground crop's start is subtracted; a box is cut to the crop."""
+    from segevo.inference import PromptError, Query, to_model
+
+    start, end = (2, 5, 1), (10, 40, 30)  # crop on the model grid (D, H, W) = file (Z, Y, X)
+    q = to_model(Query(text="liver", box=np.array([3.0, 8, 4, 20, 30, 12]), points=np.array([[25.0, 10, 6]]),
+                       point_labels=np.array([1])), start, end)
+    # file (x, y, z) -> model (z, y, x) - start: box lo (4, 8, 3) - (2, 5, 1) = (2, 3, 2); hi (12, 30, 20) - start
+    # = (10, 25, 19), cut to the crop's size - 1 = (7, 34, 28) -> (7, 25, 19)
+    assert q.box.tolist() == [2, 3, 2, 7, 25, 19]
+    assert q.points.tolist() == [[4, 5, 24]] and q.task == "liver"
+    with pytest.raises(PromptError, match="only background"):
+        to_model(Query(box=np.array([0.0, 0, 0, 0, 0, 1])), start, end)
+
+
+def test_predict_array_is_the_model_space_run_pasted_back(predictor):
+    """Two text queries on a raw (X, Y, Z) array: the label map equals the model-space results resolved by hand
+    (a voxel takes the most confident query whose mask holds it) and pasted into the raw grid."""
+    from segevo.data.preprocess import paste_back, prepare_image
+    from segevo.inference import Query, to_model
+
+    rng = np.random.default_rng(0)
+    raw = np.zeros((50, 40, 14), np.float32)
+    raw[5:45, 4:36, 2:12] = rng.normal(100, 20, (40, 32, 10))
+    queries = [Query(text="liver"), Query(text="spleen")]
+    prediction = predictor.predict_array(raw, "MRI", queries, affine=np.eye(4))
+    volume, start, end = prepare_image(raw)
+    logits = np.stack([r.logits for r in predictor.run(volume, "MRI", [to_model(q, start, end) for q in queries])])
+    masked = np.where(logits > 0, logits, -np.inf)
+    expected = np.where(np.isfinite(masked).any(0), masked.argmax(0) + 1, 0).astype(np.uint8)
+    np.testing.assert_array_equal(prediction.labels, paste_back(expected, raw.shape, start, end))
+    assert prediction.labels.shape == raw.shape and prediction.names == {"1": "liver", "2": "spleen"}
+    assert [o.voxels for o in prediction.outcomes] == [int((logits[i] > 0).sum()) for i in range(2)]
+
+
+def test_prompts_are_checked_on_the_file_grid(predictor):
+    from segevo.inference import PromptError, Query
+
+    raw = np.ones((20, 30, 10), np.float32)
+    with pytest.raises(PromptError, match=r"outside the volume of shape \(20, 30, 10\)"):
+        predictor.predict_array(raw, "MRI", [Query(box=np.array([0, 0, 0, 19, 29, 10]))])
+    with pytest.raises(PromptError, match="positive"):
+        predictor.predict_array(raw, "MRI", [Query(points=np.array([[1, 1, 1]]), point_labels=np.array([0]))])

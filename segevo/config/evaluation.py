@@ -14,12 +14,17 @@ from segevo.config.base import _Section
 
 class InferenceConfig(_Section):
     """SegVol's zoom-out-zoom-in (``segevo predict`` and ``segevo evaluate``): a global pass on the volume resized
-    to the ROI, then sliding windows of the ROI's size over the coarse mask's bounding box."""
+    to the ROI, then sliding windows of the ROI's size over the coarse mask's bounding box. The defaults are
+    SegVol's released procedure; the other values are faster choices (see ``segevo/inference/``)."""
 
     zoom_in: bool = True
     overlap: float = Field(0.5, ge=0, lt=1)
     window_batch: int = Field(4, gt=0)
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zoom_out_resize: Literal["nearest-exact", "trilinear"] = "nearest-exact"
+    roi_rule: Literal["clip", "shift"] = "clip"
+    window_grid: Literal["roi", "volume"] = "roi"
+    empty_windows: Literal["run", "skip"] = "run"
 
 
 class EvaluateConfig(_Section):

@@ -120,7 +120,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     from segevo.data.manifest import read_prep_array
     from segevo.evaluation import evaluate_case_models
-    from segevo.inference import ZoomInference
+    from segevo.inference import Predictor
 
     cfg, _ = config_from_args(args)
     e = cfg.evaluate.model_copy(update={"box_jitter": (0,)})
@@ -139,13 +139,13 @@ def run_compare(args: argparse.Namespace) -> int:
     if len({k for k in keys.values()}) > 1:
         raise UserError("the variants were not trained on one base SegVol: "
                         + "; ".join(f"{n}: {m.base_origin}" for n, m in loaded.items()))
-    zooms = {name: ZoomInference(model.to(device), cfg.inference, device) for name, model in loaded.items()}
+    predictors = {name: Predictor(model, cfg.inference, device) for name, model in loaded.items()}
     rows: list[dict] = []
     start = time.perf_counter()
     for case in tqdm(cases, desc=f"compare {len(models)} models", unit="case", disable=None):
         image = read_prep_array(case, prep, "image").astype(np.float32)
         label = read_prep_array(case, prep, "label")
-        rows.extend(evaluate_case_models(zooms, case, image, label, e, keys))
+        rows.extend(evaluate_case_models(predictors, case, image, label, e, keys))
     if not rows:
         raise UserError(f"no (case, class) to evaluate in the {split_name!r} split: check evaluate.classes")
     seconds = time.perf_counter() - start

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from segevo.data.manifest import read_prep_array
     from segevo.evaluation import Sample, evaluate_case
-    from segevo.inference import ZoomInference, load_for_inference
+    from segevo.inference import Predictor
 
     if args.variants is not None:
         from pipeline.compare import run_compare
@@ -69,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
               folders=[("metrics folder", METRICS)], replaced=[("evaluate.report", e.report)])
     device = torch_device(args.device)
     run_id = args.run_id or _training_run_id()
-    model = load_for_inference(cfg.model, adapter, weights)
-    zoom = ZoomInference(model.to(device), cfg.inference, device)
+    predictor = Predictor.load(cfg.model, cfg.inference, adapter, weights, device=device)
     overlay_prompt = next(p for p in HEADLINE if p in e.prompts)
     rows: list[dict] = []
     overlays: list[dict] = []
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         def keep(s: Sample, want: bool = want) -> bool:
             return want and s.prompt == overlay_prompt and not s.jitter
 
-        case_rows, kept = evaluate_case(zoom, case, image, label, e, keep)
+        case_rows, kept = evaluate_case(predictor, case, image, label, e, keep)
         rows.extend(case_rows)
         if kept:
             overlays.append(_overlay_case(case, image, label, kept))
@@ -94,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     write_outputs(rows, summary)
     from pipeline.report import write_report
 
-    report = write_report(Path(e.report), rows, summary, overlays, model, cfg)
+    report = write_report(Path(e.report), rows, summary, overlays, predictor.model, cfg)
     _log_to_mlflow(cfg, run_id, summary, report)
     head = summary["headline"]
     print(f"evaluated {summary['cases']} cases, {summary['samples']} samples in {seconds:.1f} s; "

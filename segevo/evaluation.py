@@ -22,7 +22,7 @@ from segevo.combinations import parts as combination_parts
 from segevo.config import EvaluateConfig
 from segevo.data.manifest import PrepCase
 from segevo.data.prompts import bounding_box, sample_points
-from segevo.inference import Query, ZoomInference
+from segevo.inference import Predictor, Query
 from segevo.metrics import bootstrap_ci, dice, nsd
 
 
@@ -79,14 +79,14 @@ def case_queries(case: PrepCase, label: np.ndarray, cfg: EvaluateConfig) -> list
     return out
 
 
-def evaluate_case(zoom: ZoomInference, case: PrepCase, image: np.ndarray, label: np.ndarray, cfg: EvaluateConfig,
+def evaluate_case(predictor: Predictor, case: PrepCase, image: np.ndarray, label: np.ndarray, cfg: EvaluateConfig,
                   keep: Callable[[Sample], bool] | None = None) -> tuple[list[dict], dict[Sample, np.ndarray]]:
     """Metric rows for every query of a case, plus the masks of the samples ``keep`` selects (for overlays)."""
     from segevo.data.cases import base_modality
 
     queries = case_queries(case, label, cfg)
     rows, kept = [], {}
-    results = zoom.run(image, case.modality, [q for _, q in queries])
+    results = predictor.run(image, case.modality, [q for _, q in queries])
     structure, truth = None, None  # a class's queries come in a run: one mask at a time, built once
     for (sample, _), result in zip(queries, results, strict=True):
         if sample.structure != structure:
@@ -106,7 +106,7 @@ def evaluate_case(zoom: ZoomInference, case: PrepCase, image: np.ndarray, label:
     return rows, kept
 
 
-def evaluate_case_models(zooms: Mapping[str, ZoomInference], case: PrepCase, image: np.ndarray, label: np.ndarray,
+def evaluate_case_models(predictors: Mapping[str, Predictor], case: PrepCase, image: np.ndarray, label: np.ndarray,
                          cfg: EvaluateConfig, base_keys: Mapping[str, str | None]) -> list[dict]:
     """Metric rows of one case for several models (``variant`` names them), the volume loaded once by the caller.
 
@@ -116,13 +116,13 @@ def evaluate_case_models(zooms: Mapping[str, ZoomInference], case: PrepCase, ima
     """
     rows: list[dict] = []
     computed: dict[str, tuple[str, list[dict]]] = {}
-    for name, zoom in zooms.items():
-        key = base_keys.get(name) if zoom.model.computes_base(case.modality) else None
+    for name, predictor in predictors.items():
+        key = base_keys.get(name) if predictor.model.computes_base(case.modality) else None
         if key is not None and key in computed:
             source, done = computed[key]
             rows.extend({**r, "variant": name, "reused_from": source} for r in done)
             continue
-        case_rows, _ = evaluate_case(zoom, case, image, label, cfg)
+        case_rows, _ = evaluate_case(predictor, case, image, label, cfg)
         case_rows = [{**r, "variant": name, "reused_from": None} for r in case_rows]
         if key is not None:
             computed[key] = (name, case_rows)

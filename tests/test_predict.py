@@ -157,7 +157,7 @@ def test_file_coordinates_map_onto_the_model_volume():
 def test_predict_array_is_the_model_space_run_pasted_back(predictor):
     """Two text queries on a raw (X, Y, Z) array: the label map equals the model-space results resolved by hand
     (a voxel takes the most confident query whose mask holds it) and pasted into the raw grid."""
-    from segevo.data.preprocess import paste_back, prepare_image
+    from segevo.data.preprocess.geometry import paste_back, prepare_image
     from segevo.inference import Query, to_model
 
     rng = np.random.default_rng(0)

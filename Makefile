@@ -24,7 +24,7 @@ setup: $(STAMP)
 
 # torch first, from the pinned wheel, so nothing else can pull a multi-GB CUDA build on a CPU machine.
 # open-clip-torch only provides the CLIP BPE vocabulary file: installed without its dependencies.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0 $(QUIET)
 	$(PIP) -e '.[dev]' $(QUIET)
@@ -50,7 +50,7 @@ bench: setup
 	python bench/inference.py --size full --repeats 2 --out bench/results/inference_cpu_full.json
 
 lint: setup
-	ruff check segevo pipeline tests bench
+	ruff check segevo pipeline segevo_pipeline tests bench setup.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

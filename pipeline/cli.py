@@ -10,16 +10,16 @@ from typing import NoReturn
 
 # verb -> (module, one-line help). Only verbs that work are listed.
 VERBS: dict[str, tuple[str, str]] = {
-    "download": ("pipeline.download", "fetch the raw data sources and write the case table"),
-    "pseudomask": ("pipeline.pseudomask", "SegVol's FH pseudo-masks, ground truth painted on top"),
-    "preprocess": ("pipeline.preprocess", "SegVol-faithful model-ready arrays and the manifest"),
-    "split": ("pipeline.split", "patient-level train/val/test split and balanced subsets"),
-    "train": ("pipeline.train", "fine-tune with Ray Train + DeepSpeed, tracked in MLflow"),
-    "tune": ("pipeline.tune", "Optuna studies: one Ray Train run per trial, in MLflow"),
-    "evaluate": ("pipeline.evaluate", "Dice and NSD per class and prompt, held-out split"),
-    "predict": ("pipeline.predict", "segment a NIfTI volume with text, box or point prompts"),
-    "model": ("pipeline.model", "inspect the configured model (parameters per part)"),
-    "weights": ("pipeline.weights", "check or download SegVol checkpoints"),
+    "download": ("segevo_pipeline.download", "fetch the raw data sources and write the case table"),
+    "pseudomask": ("segevo_pipeline.pseudomask", "SegVol's FH pseudo-masks, ground truth painted on top"),
+    "preprocess": ("segevo_pipeline.preprocess", "SegVol-faithful model-ready arrays and the manifest"),
+    "split": ("segevo_pipeline.split", "patient-level train/val/test split and balanced subsets"),
+    "train": ("segevo_pipeline.train", "fine-tune with Ray Train + DeepSpeed, tracked in MLflow"),
+    "tune": ("segevo_pipeline.tune", "Optuna studies: one Ray Train run per trial, in MLflow"),
+    "evaluate": ("segevo_pipeline.evaluate", "Dice and NSD per class and prompt, held-out split"),
+    "predict": ("segevo_pipeline.predict", "segment a NIfTI volume with text, box or point prompts"),
+    "model": ("segevo_pipeline.model", "inspect the configured model (parameters per part)"),
+    "weights": ("segevo_pipeline.weights", "check or download SegVol checkpoints"),
 }
 
 

@@ -166,7 +166,7 @@ def check_shared_paths(uses: list[PathUse], timeout_s: float = 60.0) -> None:
 def tracking_paths(uri: str, configured: bool) -> list[PathUse]:
     """The tracking store as a cluster must have it: a server every node reaches (checked now), or a SQLite file
     on shared storage; never the default file in the job's working-dir copy."""
-    from pipeline.tracking import check_server
+    from segevo_pipeline.tracking import check_server
 
     scheme = urlparse(uri).scheme
     if scheme in ("http", "https"):

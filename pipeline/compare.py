@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import config_from_args, csv_bytes, evaluation_cases, preflight, torch_device, variant_file
 from segevo.config import SegevoConfig, apply_overlay
 from segevo.errors import UserError
+from segevo_pipeline.common import config_from_args, csv_bytes, evaluation_cases, preflight, torch_device, variant_file
 
 METRICS = Path("metrics")
 FILES = ("compare.json", "compare_cases.csv", "compare_diffs.csv")
@@ -151,7 +151,7 @@ def run_compare(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     summary = summarise_variants(rows, models, cfg, split_name, seconds, str(device))
     write_outputs(rows, summary)
-    from pipeline.compare_report import write_compare_report
+    from segevo_pipeline.compare_report import write_compare_report
 
     report = write_compare_report(Path(cfg.compare.report), summary, loaded, cfg)
     _log_to_mlflow(cfg, args.run_id or "compare", summary, report)
@@ -210,7 +210,7 @@ def write_outputs(rows: list[dict], summary: dict) -> None:
 
 
 def _log_to_mlflow(cfg: SegevoConfig, run_name: str, summary: dict, report: Path) -> None:
-    from pipeline.tracking import Tracker, resolve_uri
+    from segevo_pipeline.tracking import Tracker, resolve_uri
 
     tracker = Tracker(resolve_uri(cfg.tracking.tracking_uri, Path.cwd()), cfg.tracking.experiment, run_name)
     values: dict[str, float] = {}

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import pyplot
-from pipeline.report import prior_analysis
-from pipeline.seed_results import seed_row
+from segevo_pipeline.common import pyplot
+from segevo_pipeline.report import prior_analysis
+from segevo_pipeline.seed_results import seed_row
 
 PROTOTYPE = "the prototype's (seed-results.md: 400-subset test split, n = 3-4 volumes, one run, Dice with +1 in the " \
             "denominator)"

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.flags import int_at_least
+from segevo_pipeline.flags import int_at_least
 
 
 def add_stage_options(p: argparse.ArgumentParser) -> None:

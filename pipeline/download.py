@@ -7,7 +7,7 @@ import logging
 import sys
 from collections import Counter
 
-from pipeline.common import config_from_args, preflight
+from segevo_pipeline.common import config_from_args, preflight
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import config_from_args, csv_bytes, evaluation_cases, preflight, torch_device
-from pipeline.flags import device, int_at_least, run_name
 from segevo.errors import UserError
+from segevo_pipeline.common import config_from_args, csv_bytes, evaluation_cases, preflight, torch_device
+from segevo_pipeline.flags import device, int_at_least, run_name
 
 METRICS = Path("metrics")
 EVAL_FILES = ("eval.json", "eval_per_class.csv", "eval_cases.csv", "eval_classes.csv")
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from segevo.inference import Predictor
 
     if args.variants is not None:
-        from pipeline.compare import run_compare
+        from segevo_pipeline.compare import run_compare
 
         return run_compare(args)
     cfg, _ = config_from_args(args)
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     summary = summarise_all(rows, cfg, split_name, adapter, seconds, device)
     write_outputs(rows, summary)
-    from pipeline.report import write_report
+    from segevo_pipeline.report import write_report
 
     report = write_report(Path(e.report), rows, summary, overlays, predictor.model, cfg)
     _log_to_mlflow(cfg, run_id, summary, report)
@@ -174,7 +174,7 @@ def _training_run_id() -> str | None:
 
 
 def _log_to_mlflow(cfg, run_id: str | None, summary: dict, report: Path) -> None:
-    from pipeline.tracking import Tracker, resolve_uri
+    from segevo_pipeline.tracking import Tracker, resolve_uri
 
     if run_id is None:
         print("no training run to log to (no metrics/train.json and no --run-id): MLflow logging skipped")

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import preflight, prepared_data
-from pipeline.ray_quiet import HOOK, install
+from segevo_pipeline.common import preflight, prepared_data
+from segevo_pipeline.ray_quiet import HOOK, install
 
 
 def training_data(cfg) -> tuple[Path, dict]:
@@ -46,8 +46,8 @@ def prepare(cfg, args: argparse.Namespace | None = None,
     outputs, the weights, Ray, then on a multi-node cluster shared paths, the GPU choice and the tracking server;
     GPUs waited for; data staged onto every node when ``train.data_remote`` says so. The data root, split,
     tracking URI and timings."""
-    from pipeline.cluster import PathUse, check_cluster, wait_for_gpus
-    from pipeline.tracking import resolve_uri
+    from segevo_pipeline.cluster import PathUse, check_cluster, wait_for_gpus
+    from segevo_pipeline.tracking import resolve_uri
 
     t = cfg.train
     if t.data_remote is None:
@@ -77,7 +77,7 @@ def prepare(cfg, args: argparse.Namespace | None = None,
 
 
 def _staged_data(cfg) -> tuple[Path, dict, dict]:
-    from pipeline.staging import data_version, stage_on_every_node
+    from segevo_pipeline.staging import data_version, stage_on_every_node
 
     t = cfg.train
     version = data_version(Path(t.data_lock))
@@ -93,7 +93,7 @@ def _staged_data(cfg) -> tuple[Path, dict, dict]:
 def ends_run_on_failure(cfg, run_id: str, tracking_uri: str) -> Iterator[None]:
     """A run whose driver fails or is stopped (Ctrl-C, ``ray job stop``'s SIGTERM) ends FAILED or KILLED in
     MLflow, not RUNNING forever."""
-    from pipeline.tracking import end_run
+    from segevo_pipeline.tracking import end_run
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -141,13 +141,13 @@ def launch(cfg, root: Path, split: dict, run_id: str, storage: str, tracking_uri
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.worker import train_worker
+    from segevo_pipeline.worker import train_worker
 
     t = cfg.train
     ensure_ray(cfg)
     callbacks = []
     if relay is not None:
-        from pipeline.report_relay import ForwardReports
+        from segevo_pipeline.report_relay import ForwardReports
 
         callbacks.append(ForwardReports(relay))
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.common import config_from_args, preflight, print_part_table
+from segevo_pipeline.common import config_from_args, preflight, print_part_table
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.common import config_from_args, preflight, torch_device
-from pipeline.flags import device, int_at_least, non_empty, voxel_box, voxel_point
 from segevo.errors import UserError
+from segevo_pipeline.common import config_from_args, preflight, torch_device
+from segevo_pipeline.flags import device, int_at_least, non_empty, voxel_box, voxel_point
 
 if TYPE_CHECKING:
     from segevo.inference import Query
@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
 
 
 def queries_from_args(args: argparse.Namespace) -> list[Query]:
-    """The prompts as parsed (whole voxel indices of the file's array, see :mod:`pipeline.flags`): one query per
+    """The prompts as parsed (whole voxel indices of the file's array, see :mod:`segevo_pipeline.flags`): one query per
     ``--text``, or one object described by a box and/or points (and at most one ``--text``). Their coordinates are
     checked against the image by the library."""
     from segevo.inference import Query

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.common import config_from_args, preflight
-from pipeline.data_stages import add_stage_options, log_to_stderr, print_report, shown
+from segevo_pipeline.common import config_from_args, preflight
+from segevo_pipeline.data_stages import add_stage_options, log_to_stderr, print_report, shown
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:

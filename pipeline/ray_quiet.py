@@ -16,7 +16,7 @@ BENIGN = {
         "Failed to query Ray Train Controller actor state",
     "DeepSpeed": "You are using ZeRO with an untested optimizer",
 }
-HOOK = "pipeline.ray_quiet.install"
+HOOK = "segevo_pipeline.ray_quiet.install"
 
 
 class _Drop(logging.Filter):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.common import pyplot
-from pipeline.seed_results import SEED_OVERALL, seed_row
+from segevo_pipeline.common import pyplot
+from segevo_pipeline.seed_results import SEED_OVERALL, seed_row
 
 MODALITY_COLOURS = {"CT": "tab:blue", "MRI": "tab:orange"}
 

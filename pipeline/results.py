@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import csv_bytes, pyplot
+from segevo_pipeline.common import csv_bytes, pyplot
 
 
 def export(cfg, result: Any, run_id: str, tracking_uri: str, timings: dict,
@@ -49,7 +49,7 @@ def export(cfg, result: Any, run_id: str, tracking_uri: str, timings: dict,
     metrics_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(metrics_dir / "train.json", summary)
     _curves(rows, metrics_dir)
-    from pipeline.tracking import Tracker
+    from segevo_pipeline.tracking import Tracker
 
     tracker = Tracker(tracking_uri, cfg.tracking.experiment, run_id)
     tracker.log_artifacts(out, "adapter")

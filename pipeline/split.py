@@ -8,7 +8,7 @@ import io
 from collections import Counter
 from pathlib import Path
 
-from pipeline.common import config_from_args, preflight
+from segevo_pipeline.common import config_from_args, preflight
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -64,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
 
 def write_summary(base: Path, cases: list, splits: dict[str, list[str]]) -> None:
     """The nnU-Net-style data summary (``segevo.data.summary``) as a table, per-split counts and a plot."""
-    from pipeline.common import csv_bytes
     from segevo.data.summary import COLUMNS, data_summary
     from segevo.io import atomic_write_bytes, atomic_write_json
+    from segevo_pipeline.common import csv_bytes
 
     rows = data_summary(cases, splits)
     atomic_write_bytes(base.with_suffix(".csv"), csv_bytes(rows, list(COLUMNS)))
@@ -81,8 +81,8 @@ def write_summary(base: Path, cases: list, splits: dict[str, list[str]]) -> None
 def _plot(path: Path, rows: list[dict], counts: dict[str, dict[str, int]]) -> None:
     """Cases per source/modality and split (left); each class's raw intensity range p0.5-p99.5 with its mean
     (right, all cases)."""
-    from pipeline.common import pyplot
     from segevo.io import atomic_write_bytes
+    from segevo_pipeline.common import pyplot
 
     plt = pyplot()
     groups = sorted({g for c in counts.values() for g in c if g != "cases"})

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.cluster import ClusterError, is_uri, on_every_node
+from segevo_pipeline.cluster import ClusterError, is_uri, on_every_node
 
 DATA_OUTS = ("prep", "split.json")
 

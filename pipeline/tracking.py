@@ -17,9 +17,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+# MLflow copies every URI given to set_tracking_uri into MLFLOW_TRACKING_URI (for subprocesses): the ones we set
+# are not the user's choice, so a second verb in the same process (the Python API, the tests) must not take them.
+_SET_HERE: set[str] = set()
+
 
 def resolve_uri(configured: str | None, workdir: Path) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+    """``tracking.tracking_uri``, else the user's MLFLOW_TRACKING_URI, else ``mlflow.db`` in ``workdir``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    user = env if env not in _SET_HERE else None
+    return configured or user or f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -66,6 +73,8 @@ class Tracker:
             import mlflow
 
             self._mlflow = mlflow
+            if os.environ.get("MLFLOW_TRACKING_URI") != uri:
+                _SET_HERE.add(uri)
             mlflow.set_tracking_uri(uri)
             if node_id is not None:
                 mlflow.set_system_metrics_node_id(node_id)

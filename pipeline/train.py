@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import config_from_args
-from pipeline.flags import int_at_least, run_name
-from pipeline.launch import ends_run_on_failure, launch, prepare, storage_uri
-from pipeline.results import export
+from segevo_pipeline.common import config_from_args
+from segevo_pipeline.flags import int_at_least, run_name
+from segevo_pipeline.launch import ends_run_on_failure, launch, prepare, storage_uri
+from segevo_pipeline.results import export
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:

@@ -5,7 +5,7 @@ The study lives in an RDB (``tune.storage``: a SQLite file by default, PostgreSQ
 ``segevo tune`` processes share it and a killed one resumes it: the study is loaded, sampler and pruner rebuilt from
 the config, and a dead process's RUNNING trial is failed once its heartbeat goes stale, then retried from its Ray
 run's last checkpoint. Validation Dice goes from the Ray Train controller to this driver every epoch
-(``pipeline.report_relay``); the driver reports it to Optuna, and a pruned trial's workers stop after that epoch.
+(``segevo_pipeline.report_relay``); the driver reports it to Optuna, and a pruned trial's workers stop after that epoch.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import config_from_args, preflight, pyplot
-from pipeline.flags import int_at_least, positive_seconds, run_name
-from pipeline.study import load_study, open_storage, sqlite_file, storage_name
 from segevo.errors import UserError
+from segevo_pipeline.common import config_from_args, preflight, pyplot
+from segevo_pipeline.flags import int_at_least, positive_seconds, run_name
+from segevo_pipeline.study import load_study, open_storage, sqlite_file, storage_name
 
 MAX_FAILURES_IN_A_ROW = 3  # a study whose trials keep failing is broken, not unlucky: stop instead of spinning
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats, matplotlib plots
     database = sqlite_file(cfg.tune.storage)
     if not args.report:
-        from pipeline.launch import training_data
+        from segevo_pipeline.launch import training_data
 
         training_data(cfg)  # bad data fails here, before a study database is created
     preflight(args, outputs=[("--write-profile", args.write_profile)], inputs=[("tune.storage", database)],
@@ -95,9 +95,9 @@ def optimize(cfg, storage: Any, timeout: float | None) -> Any:
     import optuna
     from optuna.trial import TrialState
 
-    from pipeline.cluster import PathUse
-    from pipeline.launch import prepare
-    from pipeline.tracking import StudyRuns
+    from segevo_pipeline.cluster import PathUse
+    from segevo_pipeline.launch import prepare
+    from segevo_pipeline.tracking import StudyRuns
 
     t = cfg.tune
     database = sqlite_file(t.storage)
@@ -156,9 +156,9 @@ class Objective:
         import optuna
         from optuna.trial import TrialState
 
-        from pipeline.launch import storage_uri
-        from pipeline.results import export
         from segevo.config import with_values
+        from segevo_pipeline.launch import storage_uri
+        from segevo_pipeline.results import export
 
         if self.cfg.tune.seed is not None:
             trial.study.sampler = _sampler(self.cfg.tune, trial.number)  # before the first suggestion samples
@@ -197,8 +197,8 @@ class Objective:
         """``launch`` in a thread; here, every epoch's Dice goes to Optuna and the prune verdict back to the run."""
         import ray
 
-        from pipeline.launch import ensure_ray, launch
-        from pipeline.report_relay import ReportRelay
+        from segevo_pipeline.launch import ensure_ray, launch
+        from segevo_pipeline.report_relay import ReportRelay
 
         ensure_ray(cfg)
         relay = ReportRelay.remote()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.common import config_from_args, preflight, print_part_table
+from segevo_pipeline.common import config_from_args, preflight, print_part_table
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:

@@ -93,7 +93,7 @@ def _tracking(config: dict, cfg: Any, ctx: Any, node: str) -> tuple[Any, Any]:
     """Rank 0 logs the run; the first rank of every other node attaches that node's system metrics to it."""
     import torch.distributed as dist
 
-    from pipeline.tracking import NodeMetrics, Tracker
+    from segevo_pipeline.tracking import NodeMetrics, Tracker
 
     tracker = None
     if ctx.get_world_rank() == 0:

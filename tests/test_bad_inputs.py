@@ -22,12 +22,12 @@ import yaml
 from conftest import TINY
 from prep_helpers import write_prep
 
-from pipeline.cli import main
 from segevo.config import parse_config
 from segevo.data.tasks import TaskVocabulary
 from segevo.model import SegVol
 from segevo.model.adapter_io import save_adapters
 from segevo.training import build_model
+from segevo_pipeline.cli import main
 
 CFG = {"model": TINY, "priors": {"dim": 16, "num_heads": 2}, "data": {"root": "data"},
        "tune": {"storage": "sqlite:///study.db"}}
@@ -220,7 +220,7 @@ def test_bad_input_is_one_line_and_leaves_everything_as_it_was(ws, name, argv, c
 
 
 def test_every_verb_is_covered():
-    from pipeline.cli import VERBS
+    from segevo_pipeline.cli import VERBS
 
     covered = {argv[argv.index("--config") + 2] if "--config" in argv else argv[0] for _, argv in CASES}
     assert covered == set(VERBS)

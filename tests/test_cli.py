@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY
 
-from pipeline.cli import VERBS
+from segevo_pipeline.cli import VERBS
 
 REPO = Path(__file__).resolve().parents[1]
 SEGEVO = str(Path(sys.executable).parent / "segevo")
@@ -112,7 +112,7 @@ def test_model_summary_writes_the_json(tmp_path):
 
 
 def _main(capsys, *argv: str) -> tuple[int, str, str]:
-    from pipeline.cli import main
+    from segevo_pipeline.cli import main
 
     code = main(list(argv))
     out = capsys.readouterr()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.cluster import ClusterError, PathUse, in_ray_job, is_uri, refuse_relative
+from segevo_pipeline.cluster import ClusterError, PathUse, in_ray_job, is_uri, refuse_relative
 
 
 def test_uris_and_absolute_paths_pass_relative_ones_are_refused_naming_the_key():

@@ -18,13 +18,13 @@ import yaml
 from conftest import TINY
 from prep_helpers import write_prep
 
-from pipeline.cli import main
-from pipeline.compare import trains_nothing
 from segevo.comparison import compare, paired_difference
 from segevo.config import apply_overlay, load_config, parse_config
 from segevo.data.dataset import task_vocabulary
 from segevo.model.adapter_io import save_adapters
 from segevo.training import build_model
+from segevo_pipeline.cli import main
+from segevo_pipeline.compare import trains_nothing
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = REPO / "configs" / "variants"
@@ -228,3 +228,20 @@ def test_readme_variant_training_command(workspace):
     assert meta["adapters"]["experts"]["CT"]["kind"] == "lora" and meta["priors"]["enabled"] is False
     summary = json.loads((workspace / "metrics" / "variants" / "lora" / "train.json").read_text())
     assert summary["run_id"].startswith("lora-")
+
+
+def test_a_second_run_in_one_process_logs_to_its_own_store(workspace, tmp_path_factory, monkeypatch):
+    """MLflow copies the URI a run sets into MLFLOW_TRACKING_URI; the next verb in the same process (another
+    workspace) must still log to its own store, not to the first one's."""
+    assert main(["evaluate", "--variants", "base", "--run-id", "first"]) == 0
+    other = tmp_path_factory.mktemp("other")
+    shutil.copytree(workspace, other, dirs_exist_ok=True)
+    (other / "mlflow.db").unlink()
+    monkeypatch.chdir(other)
+    assert main(["evaluate", "--variants", "base", "--run-id", "second"]) == 0
+    import mlflow
+
+    for folder, name in ((workspace, "first"), (other, "second")):
+        client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("compare-test").experiment_id])
+        assert [r.info.run_name for r in runs] == [name]

@@ -77,7 +77,7 @@ def test_split_stage_writes_report_summary_and_plot(tmp_path, capsys):
     write_manifest(tmp_path / "prep" / "manifest.json", cases, {})
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump({"data": {"root": str(tmp_path)}, "split": {"subsets": [2]}}))
-    from pipeline.cli import main
+    from segevo_pipeline.cli import main
 
     assert main(["--config", str(config), "split", "--summary", str(tmp_path / "summary")]) == 0
     printed = capsys.readouterr().out

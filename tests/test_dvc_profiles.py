@@ -33,7 +33,7 @@ def _project(tmp: Path) -> Path:
     project.mkdir()
     for name in ("dvc.yaml", "profile.yaml", "params.yaml"):
         shutil.copy(REPO / name, project / name)
-    for folder in ("configs", "segevo", "pipeline"):
+    for folder in ("configs", "segevo", "pipeline", "segevo_pipeline"):
         shutil.copytree(REPO / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     _dvc(project, "init", "-q")

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import _is_user_error
 from segevo.errors import DownloadError, MissingResource, OutputError, SegevoError, UserError, user_errors
+from segevo_pipeline.cli import _is_user_error
 
 REPO = Path(__file__).resolve().parents[1]
-NOT_USER_ERRORS = {"pipeline.cli.UsageError"}  # argparse's usage errors: exit status 2, printed by the parser
+NOT_USER_ERRORS = {"segevo_pipeline.cli.UsageError"}  # argparse's usage errors: exit status 2, printed by the parser
 
 
 def defined_exceptions() -> dict[str, str]:
@@ -27,6 +27,7 @@ def defined_exceptions() -> dict[str, str]:
     classes = []
     for path in sorted([*(REPO / "segevo").rglob("*.py"), *(REPO / "pipeline").rglob("*.py")]):
         module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        module = module.replace("pipeline", "segevo_pipeline", 1) if module.startswith("pipeline") else module
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef):
                 bases = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
@@ -47,7 +48,8 @@ def test_the_scan_finds_the_known_kinds():
     """A scan that finds nothing would pass the next test vacuously."""
     for name in ("segevo.config.base.ConfigError", "segevo.data.cases.CaseError", "segevo.model.checkpoint.KeyMismatch",
                  "segevo.model.tokenizer.TokenizerUnavailable", "segevo.model.adapters.UnknownModality",
-                 "segevo.data.fetch.ArchiveError", "pipeline.cluster.ClusterError", "pipeline.cli.UsageError"):
+                 "segevo.data.fetch.ArchiveError", "segevo_pipeline.cluster.ClusterError",
+                 "segevo_pipeline.cli.UsageError"):
         assert name in EXCEPTIONS
 
 

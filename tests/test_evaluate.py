@@ -11,11 +11,11 @@ import yaml
 from conftest import TINY
 from prep_helpers import write_prep
 
-from pipeline.cli import main
 from segevo.config import parse_config
 from segevo.data.dataset import task_vocabulary
 from segevo.model.adapter_io import save_adapters
 from segevo.training import build_model
+from segevo_pipeline.cli import main
 
 
 @pytest.fixture()

@@ -17,7 +17,6 @@ import yaml
 from conftest import TINY
 from safetensors.torch import load_file, save_file
 
-from pipeline.cli import main
 from segevo.config import parse_config
 from segevo.data.cases import CaseError
 from segevo.data.readers import read_image
@@ -26,6 +25,7 @@ from segevo.model import SegVol
 from segevo.model.adapter_io import WEIGHTS, build_from_adapters, save_adapters
 from segevo.model.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from segevo.training import build_model
+from segevo_pipeline.cli import main
 
 CFG = {"model": TINY, "priors": {"dim": 16, "num_heads": 2}}
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.cli import main
-from pipeline.flags import device, int_at_least, positive_seconds, voxel_box, voxel_point
+from segevo_pipeline.cli import main
+from segevo_pipeline.flags import device, int_at_least, positive_seconds, voxel_box, voxel_point
 
 FAST = settings(max_examples=100, deadline=None)
 
@@ -74,8 +74,8 @@ def test_bad_flag_is_one_line_naming_it(argv, message, capsys, tmp_path, monkeyp
 
 
 def test_cuda_that_is_not_there_is_one_line(tmp_path, capsys):
-    from pipeline.common import torch_device
     from segevo.errors import UserError
+    from segevo_pipeline.common import torch_device
 
     torch_device("cpu")
     import torch
@@ -162,9 +162,9 @@ def test_property_devices_and_seconds(text):
 def test_property_prompts_are_checked_against_the_volume(shape, box, points):
     """A box or point is accepted exactly when every index lies in 0..shape-1 (and points include a positive
     one), and is then kept as given."""
-    from pipeline.predict import queries_from_args
     from segevo.errors import UserError
     from segevo.inference import check_query
+    from segevo_pipeline.predict import queries_from_args
 
     pairs = list(zip(box[:3], box[3:], strict=True))
     box = [min(p) for p in pairs] + [max(p) for p in pairs]  # what the parser lets through

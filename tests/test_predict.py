@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import TINY
 
-from pipeline.cli import main
 from segevo.config import parse_config
 from segevo.data.tasks import TaskVocabulary
 from segevo.model.adapter_io import save_adapters
 from segevo.training import build_model
+from segevo_pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -211,7 +211,7 @@ def test_prototype_kinds_are_chosen_in_one_place():
 
 
 def test_self_attention_affinity_matches_a_direct_computation(tmp_path):
-    from pipeline.report import prior_analysis
+    from segevo_pipeline.report import prior_analysis
 
     model, _ = build(config(priors={**PRIORS, "pool_size": 3}))
     perturb(model)

@@ -124,7 +124,7 @@ def test_bad_search_space_names_the_key(space, message):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
-    from pipeline.cli import main
+    from segevo_pipeline.cli import main
 
     def error(*args: str, code: int = 1) -> str:
         assert main(["--config", str(cfg), "tune", *args]) == code

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from pipeline.cli import VERBS
+from segevo_pipeline.cli import VERBS
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipeline"
 
@@ -34,6 +34,6 @@ def test_no_verb_imports_another_verb():
 
 def test_the_shared_modules_import_no_verb_either():
     verbs = {module for module, _ in VERBS.values()}
-    shared = [p for p in PIPELINE.glob("*.py") if f"pipeline.{p.stem}" not in verbs and p.stem != "cli"]
+    shared = [p for p in PIPELINE.glob("*.py") if f"segevo_pipeline.{p.stem}" not in verbs and p.stem != "cli"]
     offences = {p.name: sorted(_imports(p) & verbs) for p in shared}
     assert {m: v for m, v in offences.items() if v} == {}

@@ -73,8 +73,9 @@ def test_stages_read_the_profile_that_profile_yaml_names(tmp_path):
     assert text.count("\n  lr: 0.0001\n") == 1
     (project / "configs" / "full.yaml").write_text(text.replace("\n  lr: 0.0001\n", "\n  lr: 0.00042\n"))
     status = json.loads(_dvc(project, "status", "--json"))
-    training = {"train", *(f"train_variant@{v}" for v in VARS["trained_variants"])}
-    assert set(status) == training, status  # exactly the stages that read train.* (the run and the variants')
+    # exactly the stages that read train.*: the run, the variants' runs and the comparison of the variants
+    training = {"train", "compare", *(f"train_variant@{v}" for v in VARS["trained_variants"])}
+    assert set(status) == training, status
     assert "configs/full.yaml" in json.dumps(status["train"])
 
     params = yaml.safe_load((project / "params.yaml").read_text())  # the demo profile is not read at all

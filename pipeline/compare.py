@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from segevo.combinations import headline
 from segevo.config import SegevoConfig, apply_overlay
 from segevo.errors import UserError
 from segevo_pipeline.common import config_from_args, csv_bytes, evaluation_cases, preflight, torch_device, variant_file
 
 METRICS = Path("metrics")
 FILES = ("compare.json", "compare_cases.csv", "compare_diffs.csv")
-HEADLINE = ("text+point", "text", "point", "box", "text+box", "box+point")
 DIFF_FIELDS = ["prompt", "modality", "source", "class", "variant", "reference", "metric", "cases", "diff",
                "diff_lo", "diff_hi", "improved", "worsened"]
 
@@ -91,28 +91,12 @@ def base_key(model: Any) -> str | None:
 
 def load_entrant(cfg: SegevoConfig, entrant: Entrant, weights: str | None) -> Any:
     """The adapted model, or the plain base: from ``weights``, else the seeded random base the demo trains on."""
-    import torch
-
-    from segevo.config import AdaptersConfig, PriorsConfig
     from segevo.inference import load_for_inference
-    from segevo.model import SegVol
-    from segevo.model.adapted import AdaptedSegVol
 
-    if entrant.adapter is not None:
-        return load_for_inference(cfg.model, entrant.adapter, weights)
-    if weights is not None:
-        model = load_for_inference(cfg.model, None, weights)
-        model.base_origin = {"weights": weights, "seed": None}
-        return model
-    if not cfg.train.allow_random_base:
+    if entrant.adapter is None and weights is None and not cfg.train.allow_random_base:
         raise UserError(f"variant {entrant.name} is the plain base: give its weights (--weights or "
                         "train.base_weights), or train.allow_random_base: true for the seeded random base")
-    with torch.random.fork_rng(devices=[]):  # the random base every demo variant is trained on
-        torch.manual_seed(cfg.loader.seed)
-        base = SegVol(cfg.model)
-    model = AdaptedSegVol(base, AdaptersConfig(enabled=False, fallback="CT"), PriorsConfig(enabled=False)).eval()
-    model.base_origin = {"weights": None, "seed": cfg.loader.seed}
-    return model
+    return load_for_inference(cfg.model, entrant.adapter, weights, seed=cfg.loader.seed)
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -149,7 +133,8 @@ def run_compare(args: argparse.Namespace) -> int:
     if not rows:
         raise UserError(f"no (case, class) to evaluate in the {split_name!r} split: check evaluate.classes")
     seconds = time.perf_counter() - start
-    summary = summarise_variants(rows, models, cfg, split_name, seconds, str(device))
+    random_base = any(m.base_origin.get("seed") is not None for m in loaded.values())
+    summary = summarise_variants(rows, models, cfg, split_name, seconds, str(device), random_base)
     write_outputs(rows, summary)
     from segevo_pipeline.compare_report import write_compare_report
 
@@ -161,14 +146,14 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def summarise_variants(rows: list[dict], models: list[Entrant], cfg: SegevoConfig, split_name: str,
-                       seconds: float, device: str) -> dict:
+                       seconds: float, device: str, random_base: bool) -> dict:
     from segevo.comparison import compare
     from segevo.evaluation import summarise
     from segevo.metrics import EMPTY_RULE
 
     c, e = cfg.compare, cfg.evaluate
     prompts = {r["prompt"] for r in rows}
-    head = next(p for p in HEADLINE if p in prompts)
+    head = headline(prompts)
     refs = [r for r in c.references if r in {m.name for m in models}]
 
     def table(keys: list[str]) -> list[dict]:
@@ -184,7 +169,7 @@ def summarise_variants(rows: list[dict], models: list[Entrant], cfg: SegevoConfi
         "computed": sum(r["reused_from"] is None for r in rows), "reused": sum(r["reused_from"] is not None
                                                                                   for r in rows),
         "seconds": round(seconds, 1), "device": device, "bootstrap": {"n_resamples": e.bootstrap, "seed": e.seed},
-        "random_base": not (cfg.train.base_weights), "evaluate_split_is_train": split_name == "train",
+        "random_base": random_base, "evaluate_split_is_train": split_name == "train",
         "per_variant": table(["prompt", "modality"]),
         "per_class": table(["prompt", "modality", "source", "class"]),
         "differences": diffs(["prompt", "modality"]),

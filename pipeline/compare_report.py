@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from segevo_pipeline.common import pyplot
-from segevo_pipeline.report import prior_analysis
+from segevo_pipeline.report import ci_text, prior_analysis, save_png
 from segevo_pipeline.seed_results import seed_row
 
 PROTOTYPE = "the prototype's (seed-results.md: 400-subset test split, n = 3-4 volumes, one run, Dice with +1 in the " \
@@ -58,17 +58,8 @@ def _differences_plot(summary: dict, path: Path) -> str:
         ax.set_yticks(y, [f"{d['variant']} ({d['modality']})" for d in rows], fontsize=8)
         ax.set(xlabel=f"Dice difference vs {ref} ({summary['headline_prompt']}; paired 95% CI)",
                title=f"vs {ref}")
-    _save(fig, path)
+    save_png(fig, path)
     return path.name
-
-
-def _save(fig: Any, path: Path) -> None:
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    pyplot().close(fig)
-
-
-def _ci(r: dict, metric: str = "dice") -> str:
-    return f"{r[metric]:.3f} [{r[f'{metric}_lo']:.3f}, {r[f'{metric}_hi']:.3f}]"
 
 
 def _diff(d: dict) -> str:
@@ -93,7 +84,7 @@ def _markdown(summary: dict, plot: str, priors: dict[str, dict]) -> str:
     lines += [f"| {name} | {v['about']} |" for name, v in summary["variants"].items()]
     lines += ["", f"## Dice and NSD ({head})", "", "| variant | modality | cases | Dice [95% CI] | NSD [95% CI] |",
               "|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['modality']} | {r['cases']} | {_ci(r)} | {_ci(r, 'nsd')} |"
+    lines += [f"| {r['variant']} | {r['modality']} | {r['cases']} | {ci_text(r)} | {ci_text(r, 'nsd')} |"
               for r in _headline(summary["per_variant"], summary)]
     lines += ["", f"## Paired differences ({head})", "", f"![differences]({plot})", "",
               "| variant | vs | modality | cases | ΔDice [95% CI] | improved / worse | ΔNSD [95% CI] |",
@@ -130,5 +121,5 @@ def _per_class(summary: dict) -> list[str]:
         seed = seed_row(modality, source, structure)
         proto = f"{seed.baseline:.3f} / {seed.lora:.3f} / {seed.prior:.3f} ({seed.dataset})" if seed else "-"
         lines.append(f"| {modality} | {source} | {structure} | "
-                     + " | ".join(_ci(by[n]) if n in by else "-" for n in names) + f" | {proto} |")
+                     + " | ".join(ci_text(by[n]) if n in by else "-" for n in names) + f" | {proto} |")
     return lines + [""]

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from segevo.combinations import headline
 from segevo.errors import UserError
 from segevo_pipeline.common import config_from_args, csv_bytes, evaluation_cases, preflight, torch_device
 from segevo_pipeline.flags import device, int_at_least, run_name
 
 METRICS = Path("metrics")
 EVAL_FILES = ("eval.json", "eval_per_class.csv", "eval_cases.csv", "eval_classes.csv")
-HEADLINE = ("text+point", "text", "point", "box", "text+box", "box+point")
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch_device(args.device)
     run_id = args.run_id or _training_run_id()
     predictor = Predictor.load(cfg.model, cfg.inference, adapter, weights, device=device)
-    overlay_prompt = next(p for p in HEADLINE if p in e.prompts)
+    overlay_prompt = headline(e.prompts)
     rows: list[dict] = []
     overlays: list[dict] = []
     start = time.perf_counter()
@@ -126,7 +126,7 @@ def summarise_all(rows: list[dict], cfg, split_name: str, adapter: str | None, s
         return summarise(subset if subset is not None else plain, keys, e.bootstrap, e.seed)
 
     prompts = {r["prompt"]: r for r in table(["prompt"])}
-    head_prompt = next(p for p in HEADLINE if p in prompts)
+    head_prompt = headline(prompts)
     jitter_rows = [r for r in rows if r["prompt"] == "text+box"]
     return {
         "split": split_name, "adapter": adapter, "cases": len({r["case"] for r in rows}), "samples": len(plain),

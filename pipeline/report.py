@@ -15,7 +15,8 @@ from segevo_pipeline.seed_results import SEED_OVERALL, seed_row
 MODALITY_COLOURS = {"CT": "tab:blue", "MRI": "tab:orange"}
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
+    """A figure as PNG (its folder made), then closed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     pyplot().close(fig)
@@ -53,7 +54,7 @@ def _per_class_plot(summary: dict, path: Path) -> str:
             error_kw={"elinewidth": 0.8})
     ax.set_yticks(y, [f"{r['modality']} {r['class']} ({r['source']})" for r in rows], fontsize=8)
     ax.set(xlim=(0, 1), xlabel=f"Dice ({head}; 95% bootstrap CI over cases)", title="Dice per class")
-    _save(fig, path)
+    save_png(fig, path)
     return path.name
 
 
@@ -69,7 +70,7 @@ def _prompt_plot(summary: dict, path: Path) -> str:
     ax.set_xticks(np.arange(len(prompts)) + width * (len(modalities) - 1) / 2, prompts, fontsize=8)
     ax.set(ylim=(0, 1), ylabel="Dice", title="Dice per prompt type")
     ax.legend()
-    _save(fig, path)
+    save_png(fig, path)
     return path.name
 
 
@@ -84,7 +85,7 @@ def _jitter_plot(summary: dict, path: Path) -> str | None:
                 yerr=[[v["dice"] - v["dice_lo"] for _, v in items], [v["dice_hi"] - v["dice"] for _, v in items]])
     ax.set(xscale="symlog", ylim=(0, 1), xlabel="box jitter (± voxels)", ylabel="Dice (text+box)",
            title="Box perturbation")
-    _save(fig, path)
+    save_png(fig, path)
     return path.name
 
 
@@ -102,7 +103,7 @@ def _overlay(entry: dict, folder: Path) -> str:
                          f"{entry['case']} ({entry['modality']})", fontsize=8)
             ax.axis("off")
     name = entry["case"].replace("/", "_") + ".png"
-    _save(fig, folder / name)
+    save_png(fig, folder / name)
     return f"overlays/{name}"
 
 
@@ -135,7 +136,7 @@ def _heatmap(plt, matrix: np.ndarray, labels: list[str], title: str, path: Path,
     ax.set_yticks(range(len(labels)), labels, fontsize=5)
     ax.set_title(title)
     fig.colorbar(im, ax=ax, shrink=0.6)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def prior_attention(model, folder: Path) -> dict:
@@ -170,7 +171,7 @@ def prior_analysis(model, folder: Path) -> dict:
     ax.set(title="Prior tokens, PCA", xlabel=f"PC1 ({explained[0]:.0%})",
            ylabel=f"PC2 ({explained[1]:.0%})" if len(explained) > 1 else "PC2")
     ax.legend(fontsize=8)
-    _save(fig, folder / "priors_pca.png")
+    save_png(fig, folder / "priors_pca.png")
     unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     sim = unit @ unit.T
     _heatmap(plt, sim, labels, "Cosine similarity of prior tokens", folder / "priors_similarity.png",
@@ -183,7 +184,8 @@ def prior_analysis(model, folder: Path) -> dict:
 # ---- markdown ---------------------------------------------------------------------------------------------------
 
 
-def _ci(r: dict, metric: str = "dice") -> str:
+def ci_text(r: dict, metric: str = "dice") -> str:
+    """``mean [lo, hi]`` of a summary row's metric, three decimals."""
     return f"{r[metric]:.3f} [{r[f'{metric}_lo']:.3f}, {r[f'{metric}_hi']:.3f}]"
 
 
@@ -202,18 +204,18 @@ def _markdown(summary: dict, figures: dict, overlays: list[str], priors: dict, c
     ]
     if summary["split"] != "test":
         lines += [f"> **Not a held-out estimate**: these are {summary['split']} cases.", ""]
-    lines += ["## Headline", "", f"**{head['prompt']}**: Dice {_ci(head)}, NSD {_ci(head, 'nsd')} "
+    lines += ["## Headline", "", f"**{head['prompt']}**: Dice {ci_text(head)}, NSD {ci_text(head, 'nsd')} "
               f"({head['cases']} cases).", "",
               "## By prompt type and modality", "", "| modality | prompt | cases | Dice [95% CI] | NSD [95% CI] |",
               "|---|---|---|---|---|"]
     for r in summary["modality"].values():
-        lines.append(f"| {r['modality']} | {r['prompt']} | {r['cases']} | {_ci(r)} | {_ci(r, 'nsd')} |")
+        lines.append(f"| {r['modality']} | {r['prompt']} | {r['cases']} | {ci_text(r)} | {ci_text(r, 'nsd')} |")
     lines += ["", f"![prompts]({figures['prompts']})", ""]
     if summary["box_jitter"]:
         lines += ["## Box perturbation (text+box)", "", "Each box coordinate moved by a uniform integer in "
                   "[-j, j] voxels.", "", "| ± voxels | cases | Dice [95% CI] |", "|---|---|---|"]
         for j, r in sorted(summary["box_jitter"].items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| {j} | {r['cases']} | {_ci(r)} |")
+            lines.append(f"| {j} | {r['cases']} | {ci_text(r)} |")
         lines += ["", f"![jitter]({figures['jitter']})", ""]
     lines += _seed_section(summary)
     lines += ["## Per class", "", f"![per class]({figures['per_class']})", "",
@@ -221,7 +223,7 @@ def _markdown(summary: dict, figures: dict, overlays: list[str], priors: dict, c
               "|---|---|---|---|---|---|---|"]
     for r in summary["per_class"]:
         lines.append(f"| {r['prompt']} | {r['modality']} | {r['source']} | {r['class']} | {r['cases']} | "
-                     f"{_ci(r)} | {_ci(r, 'nsd')} |")
+                     f"{ci_text(r)} | {ci_text(r, 'nsd')} |")
     if overlays:
         lines += ["", "## Overlays", "", "Green: ground truth; red: prediction.", ""]
         lines += [f"![{o}]({o})" for o in overlays]
@@ -257,6 +259,6 @@ def _seed_section(summary: dict) -> list[str]:
     lines += ["| modality | class | our data set | ours: Dice [95% CI] (cases) | prototype data set (n) | "
               "baseline | LoRA | SegVol-Prior |", "|---|---|---|---|---|---|---|---|"]
     for r, s in matched:
-        lines.append(f"| {r['modality']} | {r['class']} | {r['source']} | {_ci(r)} ({r['cases']}) | "
+        lines.append(f"| {r['modality']} | {r['class']} | {r['source']} | {ci_text(r)} ({r['cases']}) | "
                      f"{s.dataset} ({s.n}) | {s.baseline:.3f} | {s.lora:.3f} | {s.prior:.3f} |")
     return lines + [""]

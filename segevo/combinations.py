@@ -7,8 +7,12 @@ model's prompt encoding and the evaluation all read these names, so they are def
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 KINDS = ("text", "box", "point")
 ALL = ("text", "box", "point", "text+box", "text+point", "box+point")
+# the order in which reports pick the combination they lead with: the prototype's headline text+point first
+HEADLINE = ("text+point", "text", "point", "box", "text+box", "box+point")
 
 
 def parts(name: str) -> frozenset[str]:
@@ -24,3 +28,9 @@ def name_of(kinds: set[str] | frozenset[str]) -> str:
     if not kinds or not set(kinds) <= set(KINDS):
         raise ValueError(f"no prompt combination of {sorted(kinds)}: use a non-empty subset of {', '.join(KINDS)}")
     return "+".join(k for k in KINDS if k in kinds)
+
+
+def headline(names: Iterable[str]) -> str:
+    """The combination a report leads with: the first of :data:`HEADLINE` among ``names``."""
+    present = set(names)
+    return next(n for n in HEADLINE if n in present)

@@ -3,9 +3,10 @@
 Two variants evaluated on one set of cases are not independent samples: a hard case is hard for both. Comparing
 their two confidence intervals (each bootstrapped on its own) throws that pairing away and hides differences that
 every case agrees on. Here the unit is the per-case *difference* (variant minus reference, each the mean over the
-case's rows in a group, as :func:`segevo.evaluation.summarise` averages them), and the bootstrap resamples cases,
-the same draw for both models, so the interval is that of the paired difference. The fraction of cases improved
-(and worsened) is reported beside it, because a mean can hide one large win among many small losses.
+case's rows in a group: :func:`segevo.metrics.case_values`, as the summaries average them), and the bootstrap
+resamples cases, the same draw for both models, so the interval is that of the paired difference. The fraction
+of cases improved (and worsened) is reported beside it, because a mean can hide one large win among many small
+losses.
 """
 
 from __future__ import annotations
@@ -15,16 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from segevo.metrics import bootstrap_ci
-
-
-def case_values(rows: Sequence[dict], metric: str) -> dict[str, float]:
-    """Per case, the mean of ``metric`` over its rows (rows without a value are skipped)."""
-    per_case: dict[str, list[float]] = defaultdict(list)
-    for r in rows:
-        if r.get(metric) is not None:
-            per_case[r["case"]].append(float(r[metric]))
-    return {case: float(np.mean(v)) for case, v in per_case.items()}
+from segevo.metrics import bootstrap_ci, case_values
 
 
 def paired_difference(variant: Mapping[str, float], reference: Mapping[str, float], n_resamples: int,

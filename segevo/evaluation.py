@@ -23,7 +23,7 @@ from segevo.config import EvaluateConfig
 from segevo.data.manifest import PrepCase
 from segevo.data.prompts import bounding_box, sample_points
 from segevo.inference import Predictor, Query
-from segevo.metrics import bootstrap_ci, dice, nsd
+from segevo.metrics import bootstrap_ci, case_values, dice, nsd
 
 
 @dataclass(frozen=True)
@@ -131,12 +131,8 @@ def evaluate_case_models(predictors: Mapping[str, Predictor], case: PrepCase, im
 
 
 def _case_means(rows: Iterable[dict], metric: str) -> list[float]:
-    """One value per case (the mean over its rows in the group): the unit the bootstrap resamples."""
-    per_case: dict[str, list[float]] = defaultdict(list)
-    for r in rows:
-        if r[metric] is not None:
-            per_case[r["case"]].append(r[metric])
-    return [float(np.mean(v)) for _, v in sorted(per_case.items())]
+    """One value per case (:func:`segevo.metrics.case_values`), in case order."""
+    return [v for _, v in sorted(case_values(rows, metric).items())]
 
 
 def summarise(rows: Sequence[dict], keys: Sequence[str], n_resamples: int, seed: int) -> list[dict]:

@@ -7,7 +7,8 @@ with MONAI's implementations where both masks are non-empty.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -68,6 +69,16 @@ def nsd(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], tolerance
                                      class_thresholds=[float(tolerance_mm)], include_background=True,
                                      spacing=[float(s) for s in spacing])
     return float(value.item())
+
+
+def case_values(rows: Iterable[dict], metric: str) -> dict[str, float]:
+    """Per case, the mean of ``metric`` over its rows (rows without a value skipped): the unit the bootstrap
+    resamples, so a case with many rows weighs as much as one with few."""
+    per_case: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if r.get(metric) is not None:
+            per_case[r["case"]].append(float(r[metric]))
+    return {case: float(np.mean(v)) for case, v in per_case.items()}
 
 
 def bootstrap_ci(values: Sequence[float], n_resamples: int = 2000, level: float = 0.95,

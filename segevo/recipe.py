@@ -11,7 +11,7 @@ loaders, one epoch, validation) live in :mod:`segevo.training`.
 from __future__ import annotations
 
 import tempfile
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,22 +44,6 @@ class Hooks(Protocol):
     def should_stop(self, epoch: int) -> bool:
         """True to end training after ``epoch`` (a pruned trial); the same answer on every rank."""
         ...
-
-
-class NoHooks:
-    """Train from scratch, keep nothing but the last state in memory: for tests and plain scripts."""
-
-    def resume(self) -> AbstractContextManager[Path | None]:
-        return nullcontext(None)
-
-    def before_epoch(self, epoch: int) -> None:
-        return None
-
-    def epoch_end(self, metrics: dict[str, float], state: Path) -> None:
-        return None
-
-    def should_stop(self, epoch: int) -> bool:
-        return False
 
 
 class FineTune:

@@ -36,16 +36,21 @@ from segevo.model.adapted import AdaptedSegVol
 
 
 def load_for_inference(model_cfg: ModelConfig, adapter: str | None = None, weights: str | None = None,
-                       trust_pickle: bool = False) -> AdaptedSegVol:
-    """An adapter checkpoint on its base (``weights``, else the base it records), or plain SegVol from
-    ``weights`` (no experts, no priors: every modality gets the base model)."""
+                       trust_pickle: bool = False, seed: int | None = None) -> AdaptedSegVol:
+    """An adapter checkpoint on its base (``weights``, else the base it records), or plain SegVol (no experts,
+    no priors: every modality gets the base model) from ``weights``, else the random base ``seed`` makes."""
     from segevo import load_model
-    from segevo.model.adapter_io import build_from_adapters
+    from segevo.model.adapter_io import build_from_adapters, seeded_base
 
     if adapter is not None:
         return build_from_adapters(adapter, weights, trust_pickle)
-    base = load_model(weights, model_cfg, trust_pickle=trust_pickle)
-    return AdaptedSegVol(base, AdaptersConfig(enabled=False, fallback="CT"), PriorsConfig(enabled=False)).eval()
+    if weights is None and seed is not None:
+        base = seeded_base(model_cfg, seed)
+    else:
+        base = load_model(weights, model_cfg, trust_pickle=trust_pickle)
+    model = AdaptedSegVol(base, AdaptersConfig(enabled=False, fallback="CT"), PriorsConfig(enabled=False)).eval()
+    model.base_origin = {"weights": str(weights) if weights else None, "seed": None if weights else seed}
+    return model
 
 
 def to_model(query: Query, start: Sequence[int], end: Sequence[int], order: Sequence[int] = AXIS_ORDER) -> Query:

@@ -79,6 +79,14 @@ def read_meta(directory: str | os.PathLike[str]) -> dict:
     return meta
 
 
+def seeded_base(model_cfg: ModelConfig, seed: int) -> SegVol:
+    """The random SegVol that ``seed`` makes (what training builds without base weights), the global RNG left as
+    it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SegVol(model_cfg)
+
+
 def build_from_adapters(directory: str | os.PathLike[str], base_weights: str | os.PathLike[str] | None = None,
                         trust_pickle: bool = False) -> AdaptedSegVol:
     """Rebuild the adapted model an adapter checkpoint was trained as, on the given base weights."""
@@ -89,9 +97,7 @@ def build_from_adapters(directory: str | os.PathLike[str], base_weights: str | o
     try:
         model_cfg = ModelConfig.model_validate(meta["model"])
         if base_weights is None and origin.get("weights") is None and origin.get("seed") is not None:
-            with torch.random.fork_rng(devices=[]):  # the random base the adapters were trained on
-                torch.manual_seed(int(origin["seed"]))
-                base = SegVol(model_cfg)
+            base = seeded_base(model_cfg, int(origin["seed"]))  # the random base the adapters were trained on
         else:
             base = SegVol(model_cfg)
         adapters = AdaptersConfig.model_validate(meta["adapters"])
